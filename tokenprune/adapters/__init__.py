@@ -1,0 +1,7 @@
+"""Model adapters: the only code that knows model internals."""
+
+from __future__ import annotations
+
+from tokenprune.adapters.base import ModelAdapter, PruneHandle
+
+__all__ = ["ModelAdapter", "PruneHandle"]

@@ -1,0 +1,200 @@
+"""The model-adapter interface and the handle that undoes an installation."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from tokenprune.adapters._hooks import HookSet
+from tokenprune.capabilities import Capability
+from tokenprune.errors import AdapterError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from tokenprune.pipeline import Pipeline
+
+__all__ = ["CallMode", "ModelAdapter", "PruneHandle", "QUERY_KWARG"]
+
+CallMode = Literal["forward", "generate"]
+QUERY_KWARG = "tokenprune_query"
+"""Extra keyword accepted by a pruned model's ``forward``/``generate``: the question per prompt."""
+_MARK = "__tokenprune_handle__"
+
+
+class PruneHandle:
+    """An installed pipeline. Use it as a context manager or call :meth:`remove`.
+
+    Removing restores the model exactly (no hooks, no instance attributes left), also after an
+    exception inside ``forward`` or ``generate``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, pipeline: Pipeline, hooks: HookSet) -> None:
+        self.adapter = adapter
+        self.pipeline = pipeline
+        self._hooks = hooks
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the pipeline is installed on."""
+        return self.adapter.model
+
+    @property
+    def active(self) -> bool:
+        """``True`` until :meth:`remove` is called."""
+        return bool(self._hooks.names)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Names of the hooks this installation added."""
+        return self._hooks.names
+
+    def remove(self) -> None:
+        """Uninstall; idempotent."""
+        self._hooks.remove()
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PruneHandle({self.adapter.name}, {self.pipeline!r}, {state})"
+
+
+class ModelAdapter(ABC):
+    """Knows one model family: how to get its visual tokens and how to feed pruned ones back.
+
+    Subclasses implement :meth:`supports` and :meth:`prepare_inputs`. The base class installs
+    two per-instance hooks that call :meth:`prepare_inputs`: a forward pre-hook (for
+    ``model(...)``) and a ``generate`` wrapper (so pruning runs once, before prefill, and the
+    generation bookkeeping sees the shorter prompt). ``prepare_inputs`` is expected to run the
+    vision encoder itself, prune, and return keyword arguments that carry precomputed features
+    (no ``pixel_values``), so the hooks are no-ops on every later step.
+
+    Class attributes:
+        name: Registry key.
+        model_classes: Names of the model classes handled (for messages and docs).
+        capabilities: What :class:`~tokenprune.context.PruneContext` can offer with this model.
+        capability_hints: Alternatives to suggest when a pipeline needs a missing capability.
+    """
+
+    name: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    capability_hints: ClassVar[Mapping[Capability, str]] = {}
+
+    def __init__(self, model: nn.Module) -> None:
+        if not self.supports(model):
+            raise AdapterError(
+                f"adapter {self.name!r} does not support {type(model).__name__}; it handles "
+                f"{', '.join(self.model_classes) or 'no model class'}"
+            )
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether this adapter can handle ``model``."""
+
+    def validate(self, pipeline: Pipeline) -> None:
+        """Check model settings against the pipeline before installing (override to add checks).
+
+        Raises:
+            AdapterError: If the model is configured in a way the adapter cannot prune.
+        """
+        pipeline.check_compatible(self)
+
+    @abstractmethod
+    def prepare_inputs(
+        self, pipeline: Pipeline, kwargs: dict[str, Any], mode: CallMode
+    ) -> dict[str, Any]:
+        """Prune the visual tokens of one call and return the rewritten keyword arguments.
+
+        Must return ``kwargs`` unchanged (minus ``tokenprune_query``) when there is nothing to
+        prune, e.g. on decoding steps.
+        """
+
+    def install(self, pipeline: Pipeline) -> PruneHandle:
+        """Install ``pipeline`` on the model; returns a handle (also a context manager).
+
+        Raises:
+            AdapterError: If a pipeline is already installed on this model instance.
+            CapabilityError: If the pipeline needs something this adapter cannot provide.
+        """
+        model = self.model
+        current = model.__dict__.get("generate")
+        if current is not None and hasattr(current, _MARK):
+            raise AdapterError(
+                f"{type(model).__name__} already has a tokenprune pipeline installed; call "
+                "remove() on its handle (or leave its `with` block) first"
+            )
+        self.validate(pipeline)
+        hooks = HookSet()
+        handle = PruneHandle(self, pipeline, hooks)
+        signature = inspect.signature(model.forward)
+
+        def forward_pre_hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            extra = bound.pop("kwargs", {})
+            return (), self.prepare_inputs(pipeline, {**bound, **extra}, "forward")
+
+        hooks.add(
+            "tokenprune.prune_visual_tokens",
+            model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True),
+        )
+        original_generate = model.generate
+
+        @functools.wraps(original_generate)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                if len(args) > 1 or "input_ids" in kwargs or "inputs" in kwargs:
+                    raise AdapterError(
+                        "pass generate() arguments other than input_ids by keyword when a "
+                        "tokenprune pipeline is installed"
+                    )
+                kwargs["input_ids"] = args[0]
+            if "inputs" in kwargs:
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            original_ids = kwargs.get("input_ids")
+            new_kwargs = self.prepare_inputs(pipeline, kwargs, "generate")
+            output = original_generate(**new_kwargs)
+            return _restore_prompt(output, original_ids, new_kwargs.get("input_ids"))
+
+        setattr(generate, _MARK, handle)
+        hooks.shadow_method("tokenprune.generate", model, "generate", generate)
+        return handle
+
+
+def _restore_prompt(
+    output: Any, original_ids: torch.Tensor | None, pruned_ids: torch.Tensor | None
+) -> Any:
+    """Put the caller's unpruned prompt back in front of the generated tokens.
+
+    ``generate`` ran on the shortened prompt; callers slice new tokens with the length of the
+    prompt they passed, so the returned sequences start with that prompt.
+    """
+    if original_ids is None or pruned_ids is None or original_ids is pruned_ids:
+        return output
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    new_tokens = sequences[:, pruned_ids.shape[1] :]
+    restored = torch.cat([original_ids.to(new_tokens.device), new_tokens], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output

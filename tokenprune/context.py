@@ -1,0 +1,194 @@
+"""The per-forward context handed to every pipeline stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+
+import torch
+
+from tokenprune import functional as F
+from tokenprune.capabilities import Capability
+from tokenprune.errors import CapabilityError
+from tokenprune.types import TextTokens, VisualTokens
+
+__all__ = ["PruneContext", "Stash", "StashKey", "VisionBlock"]
+
+T = TypeVar("T")
+Module = Callable[[torch.Tensor], torch.Tensor]
+
+
+class StashKey(Generic[T]):
+    """A typed key for :class:`Stash`; create one per value kind at module level.
+
+    Examples:
+        >>> KEY: StashKey[int] = StashKey("count")
+        >>> s = Stash(); s[KEY] = 3; s[KEY]
+        3
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"StashKey({self.name!r})"
+
+
+class Stash:
+    """A typed scratch space shared by the stages of one forward pass (never across passes)."""
+
+    def __init__(self) -> None:
+        self._data: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._data[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return cast(T, self._data[key])
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: StashKey[T], default: T | None = None) -> T | None:
+        """Return the value for ``key``, or ``default`` if it was never set."""
+        return cast("T | None", self._data.get(key, default))
+
+    def setdefault(self, key: StashKey[T], factory: Callable[[], T]) -> T:
+        """Return the value for ``key``, computing and storing ``factory()`` on first use."""
+        if key not in self._data:
+            self._data[key] = factory()
+        return cast(T, self._data[key])
+
+
+@dataclass(frozen=True)
+class VisionBlock:
+    """One transformer block of the vision tower, as seen by stages.
+
+    The adapter captures the block's *input* hidden state during the tower's forward pass and
+    hands over the block's own LayerNorm and projections, so stages can recompute attention
+    variants (for example one [CLS] query row, or query-query attention) without touching the
+    model.
+
+    Attributes:
+        index: Non-negative index of the block in the tower's block list.
+        hidden: Input hidden state of the block (before its pre-attention LayerNorm).
+        layer_norm: The block's pre-attention LayerNorm.
+        q_proj: Query projection.
+        k_proj: Key projection.
+        v_proj: Value projection.
+        out_proj: Attention output projection.
+        num_heads: Number of attention heads.
+        num_prefix_tokens: Leading non-patch tokens in ``hidden`` ([CLS], registers).
+
+    Shape:
+        - hidden: :math:`(B, P + N, C)` with :math:`P` = ``num_prefix_tokens``
+    """
+
+    index: int
+    hidden: torch.Tensor
+    layer_norm: Module
+    q_proj: Module
+    k_proj: Module
+    v_proj: Module
+    out_proj: Module
+    num_heads: int
+    num_prefix_tokens: int
+
+    def normed(self) -> torch.Tensor:
+        """The block input after its pre-attention LayerNorm, shape :math:`(B, P + N, C)`."""
+        return self.layer_norm(self.hidden)
+
+
+_CLS_KEY: StashKey[dict[int, torch.Tensor]] = StashKey("tokenprune.cls_attention")
+
+
+@dataclass
+class PruneContext:
+    """Everything a stage may read during one pruning call.
+
+    Built by a model adapter for one batch of images that share a token count ``N``; stages read
+    it and never modify the model. Optional pieces raise :class:`CapabilityError` when missing.
+
+    Attributes:
+        visual: The tokens to prune.
+        keep: Number of tokens to keep per image ``K`` (already resolved from the budget).
+        capabilities: What the adapter provided for this call.
+        text: Prompt tokens per image (same batch order as ``visual``), if available.
+        blocks: Captured vision blocks by non-negative index.
+        num_layers: Number of blocks in the vision tower (to resolve negative indices).
+        projector: Maps pruning-space features to the language model's input space.
+        stash: Per-call scratch space shared by the stages.
+    """
+
+    visual: VisualTokens
+    keep: int
+    capabilities: frozenset[Capability] = frozenset()
+    text: TextTokens | None = None
+    blocks: Mapping[int, VisionBlock] = field(default_factory=dict)
+    num_layers: int | None = None
+    projector: Module | None = None
+    stash: Stash = field(default_factory=Stash)
+
+    def require(self, capability: Capability, stage: str) -> None:
+        """Raise :class:`CapabilityError` unless ``capability`` was provided for this call."""
+        if capability not in self.capabilities:
+            provided = ", ".join(sorted(c.value for c in self.capabilities)) or "none"
+            raise CapabilityError(
+                f"stage {stage!r} needs capability {capability.value!r}, which this model "
+                f"adapter does not provide (provided: {provided})"
+            )
+
+    def layer_index(self, layer: int) -> int:
+        """Resolve a possibly negative block index against ``num_layers``."""
+        if layer >= 0:
+            return layer
+        if self.num_layers is None:
+            raise CapabilityError("negative vision layer index used but num_layers is unknown")
+        return self.num_layers + layer
+
+    def vision_block(self, layer: int) -> VisionBlock:
+        """Return the captured vision block ``layer`` (negative indices count from the end)."""
+        self.require(Capability.VISION_BLOCK, "vision_block")
+        index = self.layer_index(layer)
+        if index not in self.blocks:
+            captured = sorted(self.blocks) or "none"
+            raise CapabilityError(
+                f"vision block {layer} (index {index}) was not captured (captured: {captured}); "
+                "stages must list the layers they read in vision_layers()"
+            )
+        return self.blocks[index]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        """Head-averaged [CLS]-to-patch attention of vision block ``layer``, cached per call.
+
+        Only the [CLS] query row is computed, so this costs :math:`O(N)` per head and works
+        whatever attention kernel the tower runs.
+
+        Shape:
+            - output: :math:`(B, N)`
+        """
+        self.require(Capability.CLS_ATTENTION, "cls_attention")
+        cache = self.stash.setdefault(_CLS_KEY, dict)
+        index = self.layer_index(layer)
+        if index not in cache:
+            block = self.vision_block(layer)
+            cache[index] = F.cls_attention(
+                block.normed(),
+                block.q_proj,
+                block.k_proj,
+                num_heads=block.num_heads,
+                num_prefix_tokens=block.num_prefix_tokens,
+            )
+        return cache[index]
+
+    def require_text(self, stage: str) -> TextTokens:
+        """Return the prompt tokens, or raise naming the stage that needed them."""
+        if self.text is None:
+            raise CapabilityError(
+                f"stage {stage!r} is text-guided but no prompt text reached it; pass the question "
+                "as tokenprune_query=[...] (one string per prompt) to forward/generate"
+            )
+        return self.text

@@ -1,0 +1,46 @@
+"""The built-in plugin: registers the baseline stages and the bundled model adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tokenprune.plugin.spec import hookimpl
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tokenprune.adapters.base import ModelAdapter
+    from tokenprune.registry import AdapterRegistry, StageRegistry
+
+__all__ = ["BUILTIN_PLUGINS"]
+
+BUILTIN_PLUGINS: tuple[str, ...] = ("tokenprune.plugin.builtin",)
+"""Modules registered as plugins by every runtime before any entry point."""
+
+
+@hookimpl
+def tokenprune_register_stages(registry: StageRegistry) -> None:
+    from tokenprune.stages.mergers.drop import DropMerger
+    from tokenprune.stages.scorers.cls_attention import ClsAttentionScorer
+    from tokenprune.stages.scorers.random import RandomScorer
+    from tokenprune.stages.selectors.topk import TopKSelector
+
+    for stage in (ClsAttentionScorer, RandomScorer, TopKSelector, DropMerger):
+        registry.add(stage)
+
+
+@hookimpl
+def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
+    from tokenprune.adapters.llava import LlavaAdapter
+
+    registry.add(LlavaAdapter)
+
+
+@hookimpl(trylast=True)
+def tokenprune_resolve_adapter(
+    model: nn.Module, registry: AdapterRegistry
+) -> type[ModelAdapter] | None:
+    for registration in registry:
+        if registration.obj.supports(model):
+            return registration.obj
+    return None

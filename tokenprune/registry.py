@@ -1,0 +1,181 @@
+"""Registries of stages and model adapters, filled by plugins through the registration hooks."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Generic, TypeVar, get_args
+
+from tokenprune.errors import ConfigError, RegistrationError
+from tokenprune.stages.base import Merger, Role, Scorer, Selector, Stage, StageConfig
+
+if TYPE_CHECKING:
+    from tokenprune.adapters.base import ModelAdapter
+
+__all__ = ["AdapterRegistry", "Registration", "StageRegistry", "provider_of"]
+
+ROLES: tuple[Role, ...] = ("scorer", "selector", "merger")
+_ROLE_BASES: dict[Role, type[Stage]] = {"scorer": Scorer, "selector": Selector, "merger": Merger}
+T = TypeVar("T")
+
+
+@cache
+def _distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def provider_of(module: str) -> str:
+    """Name the installed distribution (``name version``) that ships ``module``.
+
+    Falls back to the top-level package name for code that is not installed (a test module).
+
+    Examples:
+        >>> provider_of("tokenprune.stages.selectors.topk").startswith("tokenprune ")
+        True
+    """
+    top = module.split(".")[0]
+    for dist in _distributions().get(top, []):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
+            continue
+    return top
+
+
+@dataclass(frozen=True)
+class Registration(Generic[T]):
+    """One registered stage or adapter and where it came from.
+
+    Attributes:
+        role: ``scorer``, ``selector``, ``merger`` or ``adapter``.
+        name: Registry key.
+        obj: The registered class.
+        plugin: Name of the plugin whose hook registered it.
+        provider: Distribution (``name version``) that ships the class.
+    """
+
+    role: str
+    name: str
+    obj: T
+    plugin: str
+    provider: str
+
+
+class _Registry(Generic[T]):
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], Registration[T]] = {}
+        self.current_plugin: str = "<unknown>"
+
+    def _add(self, role: str, name: str, obj: T, module: str) -> None:
+        key = (role, name)
+        new = Registration(role, name, obj, self.current_plugin, provider_of(module))
+        if key in self._items:
+            old = self._items[key]
+            raise RegistrationError(
+                f"{role} {name!r} is registered twice: by plugin {old.plugin!r} "
+                f"({old.provider}) and by plugin {new.plugin!r} ({new.provider}); uninstall one "
+                "or block it with TOKENPRUNE_DISABLED_PLUGINS"
+            )
+        self._items[key] = new
+
+    def __iter__(self) -> Iterator[Registration[T]]:
+        return iter(sorted(self._items.values(), key=lambda r: (r.role, r.name)))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget everything a plugin registered (used when its registration failed midway)."""
+        self._items = {k: v for k, v in self._items.items() if v.plugin != plugin}
+
+
+class StageRegistry(_Registry[type[Stage]]):  # type: ignore[type-arg]
+    """All stages known to one :class:`~tokenprune.plugin.Runtime`, by role and name.
+
+    Plugins receive it in ``tokenprune_register_stages`` and call :meth:`add`.
+    """
+
+    def add(self, stage: type[Stage]) -> None:  # type: ignore[type-arg]
+        """Register a stage class under its ``role`` and ``name``.
+
+        Raises:
+            RegistrationError: If the class is malformed or the name is already taken.
+        """
+        role = getattr(stage, "role", None)
+        name = getattr(stage, "name", None)
+        if role not in ROLES or not isinstance(stage, type) or not issubclass(
+            stage, _ROLE_BASES[role]
+        ):
+            raise RegistrationError(
+                f"{stage!r} is not a Scorer, Selector or Merger subclass with a `role`"
+            )
+        if not isinstance(name, str) or not name:
+            raise RegistrationError(f"{stage.__qualname__} has no `name` class attribute")
+        config = getattr(stage, "Config", None)
+        if not (isinstance(config, type) and issubclass(config, StageConfig)):
+            raise RegistrationError(f"{stage.__qualname__}.Config must subclass StageConfig")
+        literal = get_args(config.model_fields["name"].annotation)
+        if literal != (name,):
+            raise RegistrationError(
+                f"{stage.__qualname__}.Config.name must be Literal[{name!r}] to match the stage "
+                f"name, got {config.model_fields['name'].annotation}"
+            )
+        self._add(role, name, stage, stage.__module__)
+
+    def names(self, role: Role) -> list[str]:
+        """Sorted names of the registered stages of one role."""
+        return sorted(n for r, n in self._items if r == role)
+
+    def get(self, role: Role, name: str) -> type[Stage]:  # type: ignore[type-arg]
+        """Return the stage class registered as ``role`` ``name``.
+
+        Raises:
+            ConfigError: If no such stage exists; the message lists the available names.
+        """
+        try:
+            return self._items[(role, name)].obj
+        except KeyError:
+            available = ", ".join(self.names(role)) or "none"
+            raise ConfigError(
+                f"unknown {role} {name!r}; available: {available}. If it comes from a plugin, "
+                "install that package or name its module under `plugins:` in the config"
+            ) from None
+
+    def config_classes(self, role: Role) -> list[type[StageConfig]]:
+        """The ``Config`` classes of every stage of one role, sorted by name."""
+        return [self._items[(role, n)].obj.Config for n in self.names(role)]
+
+
+class AdapterRegistry(_Registry["type[ModelAdapter]"]):
+    """All model adapters known to one runtime, by name."""
+
+    def add(self, adapter: type[ModelAdapter]) -> None:
+        """Register a :class:`~tokenprune.adapters.base.ModelAdapter` subclass under its name.
+
+        Raises:
+            RegistrationError: If it is not an adapter class or the name is already taken.
+        """
+        from tokenprune.adapters.base import ModelAdapter
+
+        if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+            raise RegistrationError(f"{adapter!r} is not a ModelAdapter subclass")
+        self._add("adapter", adapter.name, adapter, adapter.__module__)
+
+    def names(self) -> list[str]:
+        """Sorted adapter names."""
+        return sorted(n for _, n in self._items)
+
+    def get(self, name: str) -> type[ModelAdapter]:
+        """Return the adapter registered as ``name``.
+
+        Raises:
+            ConfigError: If there is none; the message lists the available names.
+        """
+        try:
+            return self._items[("adapter", name)].obj
+        except KeyError:
+            raise ConfigError(
+                f"unknown adapter {name!r}; available: {', '.join(self.names()) or 'none'}"
+            ) from None
