@@ -75,20 +75,15 @@ class Pipeline:
         self.runtime = runtime
 
     @classmethod
-    def from_config(
-        cls, config: PipelineConfig | Mapping[str, Any], runtime: Runtime | None = None
-    ) -> Pipeline:
+    def from_config(cls, config: PipelineConfig | Mapping[str, Any], *, runtime: Runtime) -> Pipeline:
         """Build a pipeline from a validated config (or a mapping, validated first).
+
+        ``runtime.build_pipeline(config)`` and :func:`tokenprune.apply` call this for you.
 
         Args:
             config: The configuration.
-            runtime: Runtime supplying the stage registry; a fresh one if omitted.
+            runtime: Runtime supplying the stage registry and the observers.
         """
-        if runtime is None:
-            from tokenprune.plugin.manager import Runtime
-
-            plugins = config.plugins if isinstance(config, PipelineConfig) else ()
-            runtime = Runtime(plugins=plugins)
         if not isinstance(config, PipelineConfig):
             config = runtime.parse_config(config)
         stages: dict[str, Stage[Any]] = {}

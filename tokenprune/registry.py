@@ -157,9 +157,8 @@ class AdapterRegistry(_Registry["type[ModelAdapter]"]):
         Raises:
             RegistrationError: If it is not an adapter class or the name is already taken.
         """
-        from tokenprune.adapters.base import ModelAdapter
-
-        if not (isinstance(adapter, type) and issubclass(adapter, ModelAdapter)):
+        required = ("name", "supports", "install", "capabilities")
+        if not isinstance(adapter, type) or not all(hasattr(adapter, a) for a in required):
             raise RegistrationError(f"{adapter!r} is not a ModelAdapter subclass")
         self._add("adapter", adapter.name, adapter, adapter.__module__)
 
