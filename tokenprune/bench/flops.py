@@ -723,9 +723,12 @@ def prefill_flops(
     dtype_name, _ = _dtype_bytes(dtype)
     full = shape.visual_tokens
     kept = full if tokens is None else resolve_tokens(tokens, full)
-    schedule = tuple(
-        (layer, resolve_tokens(after, full, allow_zero=True)) for layer, after in stages
-    )
+    schedule: list[tuple[int, int]] = []
+    for layer, after in stages:
+        try:
+            schedule.append((layer, resolve_tokens(after, full, allow_zero=True)))
+        except BudgetError as exc:
+            raise BudgetError(f"stage {layer}:{after}: {exc}") from None
     llm = llm_flops(shape.lm, kept, stages=schedule, text_tokens=text_tokens, convention=convention)
     reference = llm_flops(shape.lm, full, text_tokens=text_tokens, convention=convention)
     vision: int | None = None
@@ -743,7 +746,7 @@ def prefill_flops(
         full_visual_tokens=full,
         visual_tokens=kept,
         text_tokens=text_tokens,
-        stages=schedule,
+        stages=tuple(schedule),
         llm_flops=llm,
         vision_flops=vision,
         reference_flops=reference,
@@ -985,9 +988,14 @@ def shape_from_pretrained(
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
     except (OSError, ValueError, KeyError) as exc:
+        hint = (
+            ""
+            if Path(name_or_path).is_dir()
+            else " (a hub id needs network access or a cached download; offline, give a "
+            "directory containing config.json)"
+        )
         raise ConfigError(
-            f"could not load a transformers config from {str(name_or_path)!r} (not a directory "
-            f"containing config.json, or a hub id that is unreachable offline): {exc}"
+            f"could not load a transformers config from {str(name_or_path)!r}{hint}: {exc}"
         ) from exc
     return shape_from_config(config, name=str(name_or_path), visual_tokens=visual_tokens)
 

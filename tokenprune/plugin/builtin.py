@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BUILTIN_PLUGINS"]
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("tokenprune.plugin.builtin",)
-"""Modules registered as plugins by every runtime before any entry point."""
+BUILTIN_PLUGINS: dict[str, str] = {"builtin": "tokenprune.plugin.builtin"}
+"""Plugin name -> module, registered by every runtime before any entry point."""
 
 
 @hookimpl

@@ -94,8 +94,8 @@ class Runtime:
         # own, so its parts are attributed to it and a failure cannot affect the others.
         self.pm.hook.tokenprune_register_stages.call_historic(kwargs={"registry": self.stages})
         self.pm.hook.tokenprune_register_adapters.call_historic(kwargs={"registry": self.adapters})
-        for module in BUILTIN_PLUGINS:
-            self._register(importlib.import_module(module), module, "builtin")
+        for name, module in BUILTIN_PLUGINS.items():
+            self._register(importlib.import_module(module), name, "builtin")
         if autoload if autoload is not None else not _env_flag(ENV_DISABLE_AUTOLOAD):
             self._load_entrypoints()
         for plugin in plugins:

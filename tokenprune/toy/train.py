@@ -348,3 +348,505 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     tok.save_pretrained(out_dir)
     log(f"stage a: saved {out_dir}")
     return clip
+
+
+# ----------------------------------------------------------------------------- feature cache
+
+
+def cache_features(clip: CLIPModel, recipe: Recipe, run_dir: Path, log: Logger) -> torch.Tensor:
+    """Return (computing once) the frozen tower's layer -2 patch features of the training pool.
+
+    Args:
+        clip: The trained CLIP model.
+        recipe: The recipe (``pool`` scenes, ``seed``).
+        run_dir: Run directory (cache file ``features.pt``).
+        log: Logger.
+
+    Returns:
+        bfloat16 features.
+
+    Shape:
+        ``(pool, 144, H)``.
+    """
+    path = run_dir / "features.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    feats = torch.empty(recipe.pool, task.NUM_PATCHES, recipe.tower.hidden, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for start in tqdm(range(0, recipe.pool, 64), desc="caching tower features"):
+            n = min(64, recipe.pool - start)
+            images = np.stack([task.render(task.train_scene(recipe.seed, i)[0])[0] for i in range(start, start + n)])
+            out = clip.vision_model(pixel_values=pixel_values(images), output_hidden_states=True)
+            feats[start : start + n] = out.hidden_states[-2][:, 1:].to(torch.bfloat16)
+    torch.save(feats, path)
+    log(f"cached tower features {tuple(feats.shape)} -> {path}")
+    return feats
+
+
+# ----------------------------------------------------------------------------- VLM pieces
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CAPTION_QUESTION = "List the objects."
+
+
+@dataclass
+class Vlm:
+    """The VLM under training and its tokenizer pieces.
+
+    Args:
+        model: The LLaVA model (eager attention, LoRA injected when ``lora``).
+        processor: The LLaVA processor (its tokenizer has ``<image>``).
+        prefix_ids: Token ids before the image tokens.
+        eos_id: End-of-answer token id.
+    """
+
+    model: LlavaForConditionalGeneration
+    processor: object
+    prefix_ids: list[int]
+    eos_id: int
+
+    @property
+    def tok(self) -> PreTrainedTokenizerBase:
+        """Return the LM tokenizer."""
+        return self.processor.tokenizer  # type: ignore[attr-defined, no-any-return]
+
+
+def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
+    """Assemble the LLaVA for training: pretrained SmolLM2 (truncated), trained tower, new projector.
+
+    Args:
+        clip: The trained CLIP model.
+        recipe: The recipe.
+
+    Returns:
+        The VLM (frozen LM in bf16 when ``recipe.bf16``; tower frozen).
+    """
+    lm, lm_tok = load_lm()
+    processor = build_processor(lm_tok)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    config = build_llava_config(
+        clip.config.vision_config, truncated_lm_config(lm.config, recipe.lm_layers, len(tok)), image_id
+    )
+    torch.manual_seed(recipe.seed + 1)
+    model = assemble_llava(config, lm, clip.state_dict())
+    model.set_attn_implementation("eager")
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if recipe.bf16:
+        model.model.language_model.to(torch.bfloat16)
+        model.lm_head.to(torch.bfloat16)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(True)
+    ids = processor(images=[np.zeros((96, 96, 3), np.uint8)], text=[PROMPT.format(question="x")])["input_ids"][0]
+    prefix = ids[: ids.index(image_id)] if isinstance(ids, list) else ids[: ids.tolist().index(image_id)].tolist()
+    return Vlm(model, processor, list(prefix), int(tok.eos_token_id))
+
+
+def add_lora(vlm: Vlm, recipe: Recipe) -> list[nn.Parameter]:
+    """Inject LoRA adapters (float32) into every linear layer of the LM; return their parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    torch.manual_seed(recipe.seed + 2)
+    inject_adapter_in_model(cfg, vlm.model.model.language_model)
+    params = []
+    for name, p in vlm.model.model.language_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def lora_state(vlm: Vlm) -> dict[str, torch.Tensor]:
+    """Return LoRA weights keyed ``model.language_model.<module>.lora_A|lora_B`` (float32)."""
+    out = {}
+    for name, p in vlm.model.model.language_model.named_parameters():
+        if "lora_" in name:
+            module, kind = name.split(".lora_")
+            suffix = LORA_A if kind.startswith("A") else LORA_B
+            out[f"model.language_model.{module}{suffix}"] = p.detach().float().contiguous()
+    return out
+
+
+def projector_state(vlm: Vlm) -> dict[str, torch.Tensor]:
+    """Return projector weights keyed ``multi_modal_projector.*``."""
+    return {
+        f"multi_modal_projector.{k}": v.detach().float().contiguous()
+        for k, v in vlm.model.model.multi_modal_projector.state_dict().items()
+    }
+
+
+def repeat_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
+    """Return a new cache with every batch row repeated ``repeats`` times (graph kept)."""
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
+            for layer in cache.layers
+        ]
+    )
+
+
+def encode_targets(tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenise ``(question, answer)`` suffixes, right padded, with answer-only labels.
+
+    Args:
+        tok: LM tokenizer.
+        pairs: ``(question, answer)``; the suffix is ``"\\n{q} ASSISTANT:" + " {a}" + eos``.
+        eos_id: End token id.
+
+    Returns:
+        ``(ids, mask, labels)``; labels are -100 outside answers (unshifted).
+
+    Shape:
+        each ``(N, L)``.
+    """
+    after = PROMPT.split("<image>")[1]
+    rows, labels = [], []
+    for q, a in pairs:
+        qi = tok(after.format(question=q), add_special_tokens=False)["input_ids"]
+        ai = tok(" " + a, add_special_tokens=False)["input_ids"] + [eos_id]
+        rows.append(qi + ai)
+        labels.append([-100] * len(qi) + ai)
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), eos_id)
+    lab = torch.full((len(rows), n), -100)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(r)] = torch.tensor(lb)
+        mask[i, : len(r)] = 1
+    return ids, mask, lab
+
+
+def qa_loss(vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Return the answer loss for several suffix groups sharing one image prefix per image.
+
+    The image prefix (``USER: `` + 144 projected tokens) runs once; each group (same number of
+    suffixes per image) runs on a repeated copy of its cache.
+
+    Args:
+        vlm: The VLM.
+        feats: Cached tower features ``(B, 144, H)``.
+        groups: Per group, ``B * k`` ``(question, answer)`` pairs, image-major.
+
+    Returns:
+        ``(mean loss over groups, {"loss_g<i>": ...})``.
+    """
+    model = vlm.model
+    lm = model.model.language_model
+    b = feats.shape[0]
+    image_embeds = model.model.multi_modal_projector(feats.float())
+    prefix = lm.embed_tokens(torch.tensor(vlm.prefix_ids)).unsqueeze(0).expand(b, -1, -1)
+    embeds = torch.cat([prefix.to(image_embeds.dtype), image_embeds], 1)
+    cache = DynamicCache()
+    lm(inputs_embeds=embeds, cache=cache, use_cache=True)
+    p_len = embeds.shape[1]
+    losses, stats = [], {}
+    for gi, pairs in enumerate(groups):
+        k = len(pairs) // b
+        ids, mask, labels = encode_targets(vlm.tok, pairs, vlm.eos_id)
+        full_mask = torch.cat([torch.ones(len(pairs), p_len, dtype=torch.long), mask], 1)
+        out = lm(input_ids=ids, attention_mask=full_mask, cache=repeat_cache(cache, k), use_cache=True)
+        logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        losses.append(loss)
+        stats[f"loss_g{gi}"] = float(loss)
+    return torch.stack(losses).mean(), stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def generate_answers(vlm: Vlm, examples: list[task.Example], batch: int = 25) -> list[str]:
+    """Answer examples through the real ``LlavaForConditionalGeneration.generate`` path.
+
+    Args:
+        vlm: The VLM (any dtype; bf16 weights run under autocast).
+        examples: Examples to answer.
+        batch: Batch size.
+
+    Returns:
+        Decoded answers (special tokens dropped, stripped).
+    """
+    model = vlm.model
+    bf16 = next(model.model.language_model.parameters()).dtype == torch.bfloat16
+    answers: list[str] = []
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(examples), batch):
+            chunk = examples[start : start + batch]
+            images = [task.render(e.scene)[0] for e in chunk]
+            texts = [PROMPT.format(question=e.question.text) for e in chunk]
+            enc = vlm.processor(images=images, text=texts, padding=True, return_tensors="pt")  # type: ignore[operator]
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers += [t.strip() for t in vlm.tok.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def score(examples: list[task.Example], answers: list[str]) -> dict[str, object]:
+    """Return per-family accuracy, overall (mean over families) and answer histograms."""
+    acc: dict[str, float] = {}
+    hist: dict[str, dict[str, int]] = {}
+    for fam in task.FAMILIES:
+        idx = [i for i, e in enumerate(examples) if e.question.family == fam]
+        if not idx:
+            continue
+        acc[fam] = round(sum(task.is_correct(answers[i], examples[i].question.answer) for i in idx) / len(idx), 4)
+        hist[fam] = dict(Counter(task.normalize_answer(answers[i]) for i in idx).most_common(8))
+    acc["overall"] = round(sum(acc.values()) / len(acc), 4)
+    return {"accuracy": acc, "answer_histogram": hist}
+
+
+# ----------------------------------------------------------------------------- stages b, c
+
+
+def train_qa_stage(
+    name: str,
+    vlm: Vlm,
+    feats: torch.Tensor,
+    params: list[nn.Parameter],
+    recipe: Recipe,
+    run_dir: Path,
+    log: Logger,
+    val: list[task.Example],
+    on_best: object = None,
+) -> None:
+    """Run stage ``b`` (captions only, 16 images/step) or ``c`` (questions + caption).
+
+    Resumes from ``<run>/stage_<name>/ckpt.pt``; validates every ``eval_every`` steps and at the end.
+
+    Args:
+        name: ``"b"`` or ``"c"``.
+        vlm: The VLM.
+        feats: Cached tower features of the training pool.
+        params: Trainable parameters (projector [+ LoRA]).
+        recipe: The recipe.
+        run_dir: Run directory.
+        log: Logger.
+        val: Validation examples.
+        on_best: Callable ``(accuracy dict) -> None`` after an improved validation (stage c).
+    """
+    steps = recipe.b_steps if name == "b" else recipe.c_steps
+    lr = recipe.b_lr if name == "b" else recipe.c_lr
+    n_img = 16 if name == "b" else recipe.images_per_step
+    stage_dir = run_dir / f"stage_{name}"
+    stage_dir.mkdir(exist_ok=True)
+    ckpt = stage_dir / "ckpt.pt"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    step, best = 0, -1.0
+    if ckpt.is_file():
+        ck = torch.load(ckpt, weights_only=True)
+        for p, v in zip(params, ck["params"], strict=True):
+            p.data.copy_(v)
+        opt.load_state_dict(ck["opt"])
+        step, best = int(ck["step"]), float(ck["best"])
+        log(f"stage {name}: resumed at step {step} (best overall {best})")
+    if step >= steps:
+        return
+    vlm.model.train()
+    running: Counter[str] = Counter()
+    bar = tqdm(range(step, steps), desc=f"stage {name}", initial=step, total=steps)
+    t0 = time.time()
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 30 if name == "b" else 60)
+        idx = [(step * n_img + i) % recipe.pool for i in range(n_img)]
+        groups = stage_groups(name, idx, step, recipe)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
+            loss, stats = qa_loss(vlm, feats[idx], groups)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running.update(stats)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+        done = step + 1
+        if done % 25 == 0:
+            log(f"stage {name} step {done}: " + ", ".join(f"{k} {v / 25:.4f}" for k, v in running.items()) + f" | {(time.time() - t0) / 25:.2f} s/step")
+            running.clear()
+            t0 = time.time()
+        if done % recipe.eval_every == 0 or done == steps:
+            result = score(val, generate_answers(vlm, val))
+            log(f"stage {name} step {done} validation: {json.dumps(result)}")
+            log.metrics({"stage": name, "step": done, **result})
+            overall = float(result["accuracy"]["overall"])  # type: ignore[index]
+            if overall > best:
+                best = overall
+                save_file({**projector_state(vlm), **lora_state(vlm)}, stage_dir / "best.safetensors")
+                if callable(on_best):
+                    on_best(result["accuracy"])
+            torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "step": done, "best": best}, ckpt)
+            vlm.model.train()
+            t0 = time.time()
+
+
+def stage_groups(name: str, idx: list[int], step: int, recipe: Recipe) -> list[list[tuple[str, str]]]:
+    """Return the target groups of one step: captions (b), or questions then captions (c)."""
+    captions = []
+    questions = []
+    for i in idx:
+        scene, rng = task.train_scene(recipe.seed, i)
+        captions.append((CAPTION_QUESTION, scene.caption()))
+        if name == "c":
+            qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, i)
+            questions += [(q.text, q.answer) for q in task.training_questions(scene, qrng, recipe.questions_per_image)]
+    return [captions] if name == "b" else [questions, captions]
+
+
+# ----------------------------------------------------------------------------- export and report
+
+
+def export_clip(run_dir: Path, assets: Path, log: Logger) -> None:
+    """Copy the trained CLIP model and tokenizer to ``assets/clip``."""
+    dst = assets / "clip"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(run_dir / "clip", dst)
+    shutil.copy(run_dir / "log.txt", assets / "training_log.txt")
+    log(f"exported CLIP to {dst}")
+
+
+def export_vlm(vlm: Vlm, recipe: Recipe, run_dir: Path, assets: Path, accuracy: dict[str, float], log: Logger) -> None:
+    """Write the VLM config, processor, trained weights (best stage c) and LoRA metadata to assets."""
+    vlm_dir = assets / "vlm"
+    vlm_dir.mkdir(parents=True, exist_ok=True)
+    config = vlm.model.config
+    config.save_pretrained(vlm_dir)
+    vlm.processor.save_pretrained(assets / "processor")  # type: ignore[attr-defined]
+    shutil.copy(run_dir / "stage_c" / "best.safetensors", vlm_dir / TRAINED_FILE)
+    meta = {
+        "r": recipe.lora_r,
+        "alpha": recipe.lora_alpha,
+        "scaling": recipe.lora_alpha / recipe.lora_r,
+        "targets": list(LORA_TARGETS),
+        "lm_layers": recipe.lm_layers,
+        "validation_accuracy": accuracy,
+    }
+    (vlm_dir / "lora.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.copy(run_dir / "log.txt", assets / "training_log.txt")
+    shutil.copy(run_dir / "recipe.json", assets / "recipe.json")
+    log(f"exported VLM to {vlm_dir} (validation {accuracy})")
+
+
+def compare_precisions(assets: Path, val: list[task.Example], log: Logger) -> dict[str, object]:
+    """Evaluate the shipped model (via the loader) in float32 and in bf16 autocast.
+
+    Args:
+        assets: Assets directory.
+        val: Validation examples.
+        log: Logger.
+
+    Returns:
+        Per precision: seconds, accuracy; plus the fraction of identical answers.
+    """
+    from tokenprune.toy.model import load_default_model
+
+    model, proc = load_default_model(assets)
+    vlm = Vlm(model, proc.processor, [], int(proc.processor.tokenizer.eos_token_id))
+    model.generation_config.eos_token_id = vlm.eos_id
+    model.generation_config.pad_token_id = vlm.tok.pad_token_id
+    out: dict[str, object] = {}
+    answers = {}
+    for name in ("float32", "bf16_autocast"):
+        t = time.time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "float32"):
+            answers[name] = generate_answers(vlm, val)
+        out[name] = {"seconds": round(time.time() - t, 1), **score(val, answers[name])}
+    same = sum(a == b for a, b in zip(answers["float32"], answers["bf16_autocast"], strict=True))
+    out["identical_answers"] = round(same / len(val), 4)
+    log(f"precision comparison on {len(val)} validation questions: {json.dumps(out)}")
+    return out
+
+
+def final_test(assets: Path, seed: int, per_family: int, log: Logger) -> dict[str, object]:
+    """Evaluate the shipped model (float32, via the loader) on the test split."""
+    from tokenprune.toy.model import load_default_model
+
+    model, proc = load_default_model(assets)
+    vlm = Vlm(model, proc.processor, [], int(proc.processor.tokenizer.eos_token_id))
+    model.generation_config.eos_token_id = vlm.eos_id
+    model.generation_config.pad_token_id = vlm.tok.pad_token_id
+    test = task.make_split("test", seed, per_family)
+    result = score(test, generate_answers(vlm, test))
+    log(f"test split ({per_family}/family, float32): {json.dumps(result)}")
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
+    """Parse the command line into options and a recipe."""
+    r = Recipe()
+    p = argparse.ArgumentParser(prog="tokenprune toy train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="where logs/checkpoints go (resumable)")
+    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument("--export", action="store_true", help="copy results into tokenprune/toy/assets")
+    p.add_argument("--assets", type=Path, default=ASSETS, help="export target")
+    p.add_argument("--threads", type=int, default=2)
+    for field in ("a_steps", "a_batch", "pool", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family"):
+        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(r, field))
+    p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
+    p.add_argument("--tower-layers", type=int, default=r.tower.layers)
+    args = p.parse_args(argv)
+    tower = TowerSize(hidden=args.tower_hidden, layers=args.tower_layers, heads=max(1, args.tower_hidden // 32))
+    recipe = Recipe(
+        seed=args.seed,
+        tower=tower,
+        **{f: getattr(args, f) for f in ("a_steps", "a_batch", "pool", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family")},
+    )
+    return args, recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Reproduce the toy model: stages a, b, c, export, precision comparison and test report.
+
+    Args:
+        argv: Command-line arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        Exit status 0.
+    """
+    args, recipe = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    log = Logger(run_dir)
+    log(f"run {run_dir}: recipe {json.dumps(asdict(recipe))}")
+    clip = stage_a(recipe, run_dir, log)
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    if args.export:
+        export_clip(run_dir, args.assets, log)
+    feats = cache_features(clip, recipe, run_dir, log)
+    vlm = build_vlm(clip, recipe)
+    del clip
+    val = task.make_split("validation", recipe.seed, recipe.val_per_family)
+    projector = list(vlm.model.model.multi_modal_projector.parameters())
+    train_qa_stage("b", vlm, feats, projector, recipe, run_dir, log, val)
+    lora = add_lora(vlm, recipe)
+    log(f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: {sum(p.numel() for p in lora) / 1e6:.2f} M params")
+
+    def on_best(accuracy: dict[str, float]) -> None:
+        if args.export:
+            export_vlm(vlm, recipe, run_dir, args.assets, accuracy, log)
+
+    train_qa_stage("c", vlm, feats, projector + lora, recipe, run_dir, log, val, on_best)
+    if args.export:
+        report = {
+            "precision": compare_precisions(args.assets, val, log),
+            "test": final_test(args.assets, recipe.seed, recipe.test_per_family, log),
+        }
+        (args.assets / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        shutil.copy(run_dir / "log.txt", args.assets / "training_log.txt")
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
