@@ -10,7 +10,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.capabilities import Capability
-from tokenprune.errors import CapabilityError
+from tokenprune.errors import CapabilityError, ShapeError
 from tokenprune.types import TextTokens, VisualTokens
 
 __all__ = ["PruneContext", "Stash", "StashKey", "VisionBlock"]
@@ -175,13 +175,20 @@ class PruneContext:
         index = self.layer_index(layer)
         if index not in cache:
             block = self.vision_block(layer)
-            cache[index] = F.cls_attention(
+            attention = F.cls_attention(
                 block.normed(),
                 block.q_proj,
                 block.k_proj,
                 num_heads=block.num_heads,
                 num_prefix_tokens=block.num_prefix_tokens,
             )
+            if attention.shape[1] != self.visual.num_tokens:
+                raise ShapeError(
+                    f"vision block {layer} has {attention.shape[1]} patch tokens after its "
+                    f"{block.num_prefix_tokens} prefix token(s), but the visual tokens hold "
+                    f"N={self.visual.num_tokens}; its [CLS] attention cannot score them"
+                )
+            cache[index] = attention
         return cache[index]
 
     def require_text(self, stage: str) -> TextTokens:

@@ -109,7 +109,7 @@ class Pipeline:
     @property
     def requires(self) -> frozenset[Capability]:
         """Union of the capabilities the stages require."""
-        return frozenset().union(*(s.requires for s in self.stages))
+        return frozenset().union(*(s.required_capabilities() for s in self.stages))
 
     def vision_layers(self) -> frozenset[int]:
         """Vision blocks whose inputs the stages read."""
@@ -127,7 +127,7 @@ class Pipeline:
                 knows one, an alternative.
         """
         for stage in self.stages:
-            missing = stage.requires - adapter.capabilities
+            missing = stage.required_capabilities() - adapter.capabilities
             for capability in sorted(missing, key=lambda c: c.value):
                 hint = adapter.capability_hints.get(capability)
                 raise CapabilityError(
@@ -135,6 +135,9 @@ class Pipeline:
                     f"which adapter {adapter.name!r} does not provide"
                     + (f"; {hint}" if hint else "")
                 )
+        if not isinstance(adapter, type):
+            for stage in self.stages:
+                stage.check_model(adapter)
 
     def __call__(self, ctx: PruneContext) -> PrunedTokens:
         """Run scorer, selector and merger on one context, checking every intermediate result.

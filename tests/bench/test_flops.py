@@ -306,7 +306,7 @@ def test_unknown_preset_lists_available() -> None:
         get_preset("llava-7b")
     for name in PRESETS:
         assert name in str(info.value)
-    with pytest.raises(ConfigError, match="available presets: llava-1.5-13b, llava-1.5-7b"):
+    with pytest.raises(ConfigError, match=r"available presets: llava-1\.5-13b, llava-1\.5-7b"):
         load_shape("llava-7b")
     with pytest.raises(ConfigError, match="available presets"):
         prefill_flops("nope")
@@ -495,16 +495,14 @@ def test_shape_from_transformers_configs(tmp_path: Path) -> None:
 
 
 def test_load_shape_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         load_shape(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     with pytest.raises(ConfigError, match="could not load a transformers config"):
         load_shape(str(tmp_path))
 
-    import transformers
-
-    def offline(*args: object, **kwargs: object) -> object:
+    def offline(*_args: object, **_kwargs: object) -> object:
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)

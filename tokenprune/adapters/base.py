@@ -13,7 +13,7 @@ from torch import nn
 
 from tokenprune.adapters._hooks import HookSet
 from tokenprune.capabilities import Capability
-from tokenprune.errors import AdapterError
+from tokenprune.errors import AdapterError, CapabilityError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -109,6 +109,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
         """Whether this adapter can handle ``model``."""
+
+    def vision_tower(self) -> nn.Module:
+        """The model's vision encoder (for stages that check pairing with their own weights).
+
+        Raises:
+            CapabilityError: If the adapter does not expose one.
+        """
+        raise CapabilityError(f"adapter {self.name!r} does not expose its vision tower")
 
     def validate(self, pipeline: Pipeline) -> None:
         """Check model settings against the pipeline before installing (override to add checks).

@@ -105,6 +105,11 @@ class LlavaAdapter(ModelAdapter):
         side = int(vc.image_size // vc.patch_size)
         return side, side
 
+    def vision_tower(self) -> nn.Module:
+        """The CLIP vision tower (``model.model.vision_tower``)."""
+        tower: nn.Module = self._inner.vision_tower
+        return tower
+
     def validate(self, pipeline: Pipeline) -> None:
         super().validate(pipeline)
         strategy = self._config.vision_feature_select_strategy

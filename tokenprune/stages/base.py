@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -18,6 +18,9 @@ from tokenprune.capabilities import Capability
 from tokenprune.context import PruneContext
 from tokenprune.errors import ConfigError
 from tokenprune.types import PrunedTokens, Selection
+
+if TYPE_CHECKING:
+    from tokenprune.adapters.base import ModelAdapter
 
 __all__ = ["Merger", "Role", "Scorer", "Scores", "Selector", "Stage", "StageConfig"]
 
@@ -66,9 +69,21 @@ class Stage(ABC, Generic[ConfigT]):
             )
         self.config: ConfigT = config
 
+    def required_capabilities(self) -> frozenset[Capability]:
+        """Capabilities this stage instance needs; ``requires`` unless the config changes them."""
+        return self.requires
+
     def vision_layers(self) -> frozenset[int]:
         """Vision blocks whose input this stage reads (so the adapter captures them)."""
         return frozenset()
+
+    def check_model(self, adapter: ModelAdapter) -> None:  # noqa: B027 - optional hook
+        """Validate the stage against the model when the pipeline is installed.
+
+        Called by :meth:`~tokenprune.Pipeline.check_compatible` after the capability check, so
+        a mismatch (for example a text encoder not paired with the model's vision tower) fails
+        before any forward pass. The default accepts every model.
+        """
 
     def __repr__(self) -> str:
         fields = ", ".join(

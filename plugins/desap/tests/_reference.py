@@ -121,7 +121,7 @@ def fcma_relevance(
     text_mask: Tensor,
     text_global: Tensor,
     lam: float = 0.1,
-    align: bool = True,  # noqa: FBT001, FBT002 - mirrors the function under test
+    align: bool = True,
 ) -> Tensor:
     """Eq. 3 (spec §3.4) per sample, dropping padded text tokens up front."""
     rows = []
@@ -171,9 +171,7 @@ def joint_rank_select(
     return torch.tensor(rows, dtype=torch.long)
 
 
-def merge_clusters(
-    similarity_features: Tensor, keep_idx: Tensor
-) -> list[dict[int, list[int]]]:
+def merge_clusters(similarity_features: Tensor, keep_idx: Tensor) -> list[dict[int, list[int]]]:
     """Per sample: kept index -> members (itself first, then assigned dropped tokens)."""
     result = []
     for b in range(similarity_features.shape[0]):

@@ -28,12 +28,13 @@ from tokenprune_desap.functional import (
 )
 
 
-
 def _load_reference() -> ModuleType:
     """Import the sibling ``_reference.py`` (works with pytest's importlib and prepend modes)."""
     name = "tokenprune_desap_tests_reference"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_reference.py"))
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("_reference.py")
+        )
         assert spec is not None
         assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -83,9 +84,8 @@ def generator(seed: int = 0) -> torch.Generator:
 
 def block(width: int = 8, seed: int = 0) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
     torch.manual_seed(seed)
-    return nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width), nn.Linear(
-        width, width
-    )
+    q, k, v, o = (nn.Linear(width, width) for _ in range(4))
+    return q, k, v, o
 
 
 def text_batch(
@@ -112,17 +112,17 @@ def text_batch(
 @pytest.mark.parametrize(
     ("encoding", "expected"),
     [
-        # q = 2x, k = x, v = x on tokens x = (1, 2), width 1, one head: out_i = 1 + sigmoid(l_i2 -
-        # l_i1) with logits l_ij = a_i * b_j.
-        ("qq", [1 + sigmoid(4.0), 1 + sigmoid(8.0)]),  # a = b = (2, 4)
-        ("qk", [1 + sigmoid(2.0), 1 + sigmoid(4.0)]),  # a = (2, 4), b = (1, 2)
-        ("kk", [1 + sigmoid(1.0), 1 + sigmoid(2.0)]),  # a = b = (1, 2)
-        ("vv", [1 + sigmoid(1.0), 1 + sigmoid(2.0)]),  # a = b = (1, 2)
+        # Tokens x = (0.5, 1), width 1, one head; q = 2x = (1, 2), k = 3x = (1.5, 3), v = x.
+        # Logits l_ij = a_i b_j, so out_i = 0.5 + 0.5 * sigmoid(l_i1 - l_i0).
+        ("qq", [0.5 + 0.5 * sigmoid(1.0), 0.5 + 0.5 * sigmoid(2.0)]),  # a = b = (1, 2)
+        ("qk", [0.5 + 0.5 * sigmoid(1.5), 0.5 + 0.5 * sigmoid(3.0)]),  # a = (1, 2), b = (1.5, 3)
+        ("kk", [0.5 + 0.5 * sigmoid(2.25), 0.5 + 0.5 * sigmoid(4.5)]),  # a = b = (1.5, 3)
+        ("vv", [0.5 + 0.5 * sigmoid(0.25), 0.5 + 0.5 * sigmoid(0.5)]),  # a = b = (0.5, 1)
     ],
 )
 def test_decoupled_attention_by_hand(encoding: F.AttentionEncoding, expected: list[float]) -> None:
-    hidden = tensor([[[1.0], [2.0]]])
-    out = decoupled_attention(hidden, scale(2.0), identity, identity, identity, 1, encoding)
+    hidden = tensor([[[0.5], [1.0]]])
+    out = decoupled_attention(hidden, scale(2.0), scale(3.0), identity, identity, 1, encoding)
     close(out, tensor([[[expected[0]], [expected[1]]]]))
 
 
@@ -132,10 +132,12 @@ def test_decoupled_attention_by_hand_scaled_two_heads() -> None:
     p = sigmoid(1 / math.sqrt(2))
     out = decoupled_attention(hidden, identity, identity, identity, identity, num_heads=1)
     close(out, tensor([[[p, 1 - p], [1 - p, p]]]))
-    # Two heads of width 1: head 0 sees (1, 0), head 1 sees (0, 1), logits unscaled (d = 1).
+    # Two heads of width 1 (d = 1, unscaled): head 0 sees channel values (1, 0), head 1 (0, 1).
+    # Head 0: row 0 logits (1, 0) -> weight s on token 0; row 1 logits (0, 0) -> uniform.
+    # Head 1 mirrors it. Each head's output channel is its weighted value.
     out = decoupled_attention(hidden, identity, identity, identity, identity, num_heads=2)
-    p0, p1 = sigmoid(1.0), 0.5  # head 0 row 0 prefers token 0; head 0 row 1 is uniform
-    close(out, tensor([[[p0, 0.5], [p1, sigmoid(1.0)]]]))
+    s = sigmoid(1.0)
+    close(out, tensor([[[s, 0.5], [0.5, s]]]))
 
 
 def test_decoupled_attention_out_proj_applied_without_residual() -> None:
@@ -150,9 +152,10 @@ def test_decoupled_attention_matches_reference(batch: int, encoding: F.Attention
     q, k, v, o = block(seed=batch)
     hidden = torch.randn(batch, 5, 8, generator=generator(batch))
     with torch.no_grad():
-        actual = decoupled_attention(hidden, q, k, v, o, num_heads=2, encoding=encoding)
         expected = ref.decoupled_attention(hidden, q, k, v, o, num_heads=2, encoding=encoding)
-    close(actual, expected)
+        for chunk_size in (None, 1, 2, 5):
+            actual = decoupled_attention(hidden, q, k, v, o, 2, encoding, chunk_size=chunk_size)
+            close(actual, expected)
 
 
 def test_decoupled_attention_qk_is_standard_attention() -> None:
@@ -301,7 +304,7 @@ def test_fcma_lambda_zero_is_the_uniform_softmax_formula() -> None:
 @pytest.mark.parametrize(
     ("align", "lam"), [(False, 0.1), (True, 0.0), (True, 0.1), (True, 1.0), (True, 5.0)]
 )
-def test_fcma_matches_reference(batch: int, align: bool, lam: float) -> None:  # noqa: FBT001
+def test_fcma_matches_reference(batch: int, align: bool, lam: float) -> None:
     visual, v_s, text, mask, q_t = text_batch(batch, seed=batch)
     actual = fcma_relevance(visual, v_s, text, mask, q_t, lam=lam, align=align)
     expected = ref.fcma_relevance(visual, v_s, text, mask, q_t, lam=lam, align=align)
@@ -314,9 +317,9 @@ def test_fcma_padding_is_invisible() -> None:
     visual, v_s, text, mask, q_t = text_batch(4)
     batched = fcma_relevance(visual, v_s, text, mask, q_t)
     for b, length in enumerate(TEXT_LENGTHS):
-        alone = fcma_relevance(visual[b : b + 1], v_s[b : b + 1], text[b : b + 1, :length], None,
-                               q_t[b : b + 1])  # fmt: skip
-        close(batched[b : b + 1], alone)
+        one = slice(b, b + 1)
+        alone = fcma_relevance(visual[one], v_s[one], text[one, :length], None, q_t[one])
+        close(batched[one], alone)
 
 
 def test_fcma_is_scale_invariant_and_low_precision_safe() -> None:
@@ -324,7 +327,8 @@ def test_fcma_is_scale_invariant_and_low_precision_safe() -> None:
     text = text.nan_to_num(0.0)
     expected = fcma_relevance(visual, v_s, text, mask, q_t)
     close(fcma_relevance(3 * visual, 2 * v_s, 5 * text, mask, 7 * q_t), expected)
-    low = fcma_relevance(*(t.bfloat16() for t in (visual, v_s, text)), mask, q_t.bfloat16())
+    bf16 = torch.bfloat16
+    low = fcma_relevance(visual.to(bf16), v_s.to(bf16), text.to(bf16), mask, q_t.to(bf16))
     assert low.dtype == torch.float32
     close(low, expected, atol=5e-3, rtol=5e-2)
 
@@ -363,7 +367,7 @@ def test_split_budget(k: int, fraction: float, expected: tuple[int, int]) -> Non
 
 @pytest.mark.parametrize("batch", BATCH_SIZES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_joint_rank_select_matches_reference(batch: int, ties: bool) -> None:  # noqa: FBT001
+def test_joint_rank_select_matches_reference(batch: int, ties: bool) -> None:
     g = generator(batch)
     for k in (1, 3, 6, 11):
         for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -444,7 +448,7 @@ def test_nearest_merge_zero_weight_cluster_keeps_centre() -> None:
     close(sizes, tensor([[2.0, 0.0]]))
 
 
-def merge_inputs(batch: int, ties: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # noqa: FBT001
+def merge_inputs(batch: int, ties: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g = generator(batch)
     features = torch.randn(batch, 10, 6, generator=g)
     if ties:  # scaled one-hot features: cosines are exactly 0 or 1, so ties are exact
@@ -549,6 +553,10 @@ S = torch.zeros(2, 6)
          "_proj output width 4 is not divisible by num_heads = 3"),
         (lambda: decoupled_attention(H, identity, identity, identity, identity, 2, "qv"),  # type: ignore[arg-type]
          "encoding must be one of"),
+        (lambda: decoupled_attention(H[:, :0], identity, identity, identity, identity, 2),
+         "hidden must hold at least one token"),
+        (lambda: decoupled_attention(H, identity, identity, identity, identity, 2, chunk_size=0),
+         "chunk_size must be a positive int"),
         (lambda: decoupled_attention(H, lambda x: x[:, :2], identity, identity, identity, 2),
          r"q_proj must map \(B, T, C\) to \(B, T, W\) = \(2, 5, W\), got \(2, 2, 4\)"),
         (lambda: decoupled_attention(H, identity, identity, identity, lambda x: x[0], 2),

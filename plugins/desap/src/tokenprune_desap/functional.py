@@ -86,6 +86,13 @@ def _check_num_heads(num_heads: int) -> None:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
 
 
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     """At least float32; float64 if any input is float64."""
     dtype = torch.float32
@@ -205,6 +212,7 @@ def decoupled_attention(
     out_proj: Projection,
     num_heads: int,
     encoding: AttentionEncoding = "qq",
+    chunk_size: int | None = None,
 ) -> Tensor:
     r"""Decoupled attention component :math:`A_d` of the last vision block (Eq. 2).
 
@@ -221,7 +229,9 @@ def decoupled_attention(
     are computed in float32 and cast back to the value projection's output dtype before
     ``out_proj``. The projections must be token-wise (as ``nn.Linear`` is) and the projection
     outputs are used unscaled (HF CLIP applies the attention scale inside the attention, not in
-    ``q_proj``).
+    ``q_proj``). With ``chunk_size`` the query rows are processed in chunks, so at most a
+    :math:`(B, H, \text{chunk\_size}, T)` slice of the attention is held at once (for long
+    sequences such as Qwen2.5-VL's); the result is the same.
 
     Args:
         hidden: Block input **already normalised** by the block's pre-attention LayerNorm,
@@ -232,14 +242,15 @@ def decoupled_attention(
         out_proj: Attention output projection.
         num_heads: Number of attention heads ``H``.
         encoding: ``"qq"``, ``"qk"``, ``"vv"`` or ``"kk"`` (Table 4b).
+        chunk_size: Query rows per chunk; ``None`` computes all rows at once.
 
     Returns:
         :math:`A_d` for every position, in the output dtype of ``out_proj``.
 
     Raises:
-        ValueError: If ``hidden`` is not 3-D, ``num_heads`` is not a positive int, ``encoding``
-            is unknown, or a projection returns a wrong shape or a width not divisible by
-            ``num_heads``.
+        ValueError: If ``hidden`` is not 3-D, ``num_heads`` or ``chunk_size`` is not a positive
+            int, ``encoding`` is unknown, or a projection returns a wrong shape or a width not
+            divisible by ``num_heads``.
 
     Shape:
         - hidden: :math:`(B, T, C)`
@@ -263,6 +274,9 @@ def decoupled_attention(
     _check_num_heads(num_heads)
     if encoding not in _ENCODINGS:
         raise ValueError(f"encoding must be one of {_ENCODINGS}, got {encoding!r}")
+    _check_chunk_size(chunk_size)
+    if hidden.shape[1] == 0:
+        raise ValueError("hidden must hold at least one token, got shape " + _fmt(hidden.shape))
     projections: dict[str, tuple[Projection, str]] = {
         "q": (q_proj, "q_proj"),
         "k": (k_proj, "k_proj"),
@@ -281,9 +295,15 @@ def decoupled_attention(
             f"encoding {encoding!r} needs equal per-head widths, got {a.shape[-1]} and "
             f"{b.shape[-1]}"
         )
-    scale = a.shape[-1] ** -0.5
-    attn = torch.softmax((a @ b.transpose(-1, -2)) * scale, dim=-1)  # (B, H, T, T)
-    context = attn @ v  # (B, H, T, d_v)
+    b_t = b.transpose(-1, -2) * a.shape[-1] ** -0.5
+    step = tokens if chunk_size is None else chunk_size
+    context = torch.cat(  # (B, H, T, d_v); loop over chunks of query rows, not tokens
+        [
+            torch.softmax(a[:, :, start : start + step] @ b_t, dim=-1) @ v
+            for start in range(0, tokens, step)
+        ],
+        dim=2,
+    )
     context = context.transpose(1, 2).reshape(batch, tokens, -1).to(value_raw.dtype)
     out = out_proj(context)
     if not isinstance(out, Tensor) or out.ndim != 3 or tuple(out.shape[:2]) != (batch, tokens):
@@ -413,8 +433,7 @@ def mean_received_attention(
     """
     _check_ndim("hidden", hidden, "(B, T, C)")
     _check_num_heads(num_heads)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     if (
         isinstance(num_prefix_tokens, bool)
         or not isinstance(num_prefix_tokens, int)
