@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["Capability"]
 
 
-class Capability(str, Enum):
+class Capability(StrEnum):
     """A piece of model information a stage may require.
 
     Stages list the capabilities they need in ``requires``; a model adapter lists the ones it

@@ -155,7 +155,8 @@ def load_config(path: str | Path, runtime: Runtime) -> PipelineConfig:
             data = json.loads(text)
         else:
             raise ConfigError(
-                f"config file {str(path)!r}: unknown extension {suffix!r}; use .yaml, .toml or .json"
+                f"config file {str(path)!r}: unknown extension {suffix!r}; "
+                "use .yaml, .toml or .json"
             )
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be parsed: {exc}") from None

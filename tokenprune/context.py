@@ -82,9 +82,19 @@ class VisionBlock:
         out_proj: Attention output projection.
         num_heads: Number of attention heads.
         num_prefix_tokens: Leading non-patch tokens in ``hidden`` ([CLS], registers).
+        rotary: Rotary position embedding the block applies to its split queries and keys
+            (Qwen2.5-VL's 2-D RoPE), ``(q, k) -> (q', k')`` on :math:`(B, T, H, d)`; ``None``
+            for towers with absolute position embeddings.
+        segments: Attention segment id of every token of ``hidden``: tokens attend only to
+            tokens with the same id (Qwen2.5-VL's ``cu_seqlens``: windows, or one segment per
+            image). ``None``: every token attends to every token.
+        group_size: Consecutive rows of ``hidden`` (after the prefix) that form one visual token
+            (Qwen2.5-VL: the 4 patches of a 2x2 merge group); 1 for one patch per token.
 
     Shape:
-        - hidden: :math:`(B, P + N, C)` with :math:`P` = ``num_prefix_tokens``
+        - hidden: :math:`(B, P + G N, C)` with :math:`P` = ``num_prefix_tokens`` and
+          :math:`G` = ``group_size``, groups in the order of the visual tokens
+        - segments: :math:`(P + G N,)`
     """
 
     index: int
@@ -96,13 +106,17 @@ class VisionBlock:
     out_proj: Module
     num_heads: int
     num_prefix_tokens: int
+    rotary: F.Rotary | None = None
+    segments: torch.Tensor | None = None
+    group_size: int = 1
 
     def normed(self) -> torch.Tensor:
-        """The block input after its pre-attention LayerNorm, shape :math:`(B, P + N, C)`."""
+        """The block input after its pre-attention LayerNorm, shape :math:`(B, P + G N, C)`."""
         return self.layer_norm(self.hidden)
 
 
 _CLS_KEY: StashKey[dict[int, torch.Tensor]] = StashKey("tokenprune.cls_attention")
+_RECEIVED_KEY: StashKey[dict[int, torch.Tensor]] = StashKey("tokenprune.received_attention")
 
 
 @dataclass
@@ -189,6 +203,42 @@ class PruneContext:
                     f"N={self.visual.num_tokens}; its [CLS] attention cannot score them"
                 )
             cache[index] = attention
+        return cache[index]
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """Head-averaged attention each visual token receives in vision block ``layer``.
+
+        The column mean over queries of the block's attention map (the saliency substitute for
+        towers without [CLS]), recomputed from the captured block input with the block's rotary
+        embedding and attention segments, in query chunks, then averaged over each group of
+        ``group_size`` patches (one value per visual token). Cached per call.
+
+        Shape:
+            - output: :math:`(B, N)`
+        """
+        self.require(Capability.RECEIVED_ATTENTION, "received_attention")
+        cache = self.stash.setdefault(_RECEIVED_KEY, dict)
+        index = self.layer_index(layer)
+        if index not in cache:
+            block = self.vision_block(layer)
+            patches = block.hidden.shape[1] - block.num_prefix_tokens
+            if patches != block.group_size * self.visual.num_tokens:
+                raise ShapeError(
+                    f"vision block {layer} has {patches} patch tokens after its "
+                    f"{block.num_prefix_tokens} prefix token(s), but the visual tokens hold "
+                    f"N={self.visual.num_tokens} groups of {block.group_size}; its received "
+                    "attention cannot score them"
+                )
+            cache[index] = F.received_attention(
+                block.normed(),
+                block.q_proj,
+                block.k_proj,
+                num_heads=block.num_heads,
+                num_prefix_tokens=block.num_prefix_tokens,
+                rotary=block.rotary,
+                segments=block.segments,
+                group_size=block.group_size,
+            )
         return cache[index]
 
     def require_text(self, stage: str) -> TextTokens:

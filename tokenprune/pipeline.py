@@ -75,7 +75,9 @@ class Pipeline:
         self.runtime = runtime
 
     @classmethod
-    def from_config(cls, config: PipelineConfig | Mapping[str, Any], *, runtime: Runtime) -> Pipeline:
+    def from_config(
+        cls, config: PipelineConfig | Mapping[str, Any], *, runtime: Runtime
+    ) -> Pipeline:
         """Build a pipeline from a validated config (or a mapping, validated first).
 
         ``runtime.build_pipeline(config)`` and :func:`tokenprune.apply` call this for you.
@@ -89,7 +91,7 @@ class Pipeline:
         stages: dict[str, Stage[Any]] = {}
         for role in ("scorer", "selector", "merger"):
             stage_config = getattr(config, role)
-            stage_cls = runtime.stages.get(role, stage_config.name)  # type: ignore[arg-type]
+            stage_cls = runtime.stages.get(role, stage_config.name)
             stages[role] = stage_cls(stage_config)
         return cls(
             stages["scorer"],  # type: ignore[arg-type]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Generic, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
 
 from tokenprune.errors import ConfigError, RegistrationError
 from tokenprune.stages.base import Merger, Role, Scorer, Selector, Stage, StageConfig
@@ -17,12 +17,12 @@ if TYPE_CHECKING:
 __all__ = ["AdapterRegistry", "Registration", "StageRegistry", "provider_of"]
 
 ROLES: tuple[Role, ...] = ("scorer", "selector", "merger")
-_ROLE_BASES: dict[Role, type[Stage]] = {"scorer": Scorer, "selector": Selector, "merger": Merger}
+_ROLE_BASES: dict[Role, type[Stage[Any]]] = {"scorer": Scorer, "selector": Selector, "merger": Merger}
 T = TypeVar("T")
 
 
 @cache
-def _distributions() -> dict[str, list[str]]:
+def _distributions() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
@@ -91,13 +91,13 @@ class _Registry(Generic[T]):
         self._items = {k: v for k, v in self._items.items() if v.plugin != plugin}
 
 
-class StageRegistry(_Registry[type[Stage]]):  # type: ignore[type-arg]
+class StageRegistry(_Registry[type[Stage[Any]]]):
     """All stages known to one :class:`~tokenprune.plugin.Runtime`, by role and name.
 
     Plugins receive it in ``tokenprune_register_stages`` and call :meth:`add`.
     """
 
-    def add(self, stage: type[Stage]) -> None:  # type: ignore[type-arg]
+    def add(self, stage: type[Stage[Any]]) -> None:
         """Register a stage class under its ``role`` and ``name``.
 
         Raises:
@@ -105,8 +105,10 @@ class StageRegistry(_Registry[type[Stage]]):  # type: ignore[type-arg]
         """
         role = getattr(stage, "role", None)
         name = getattr(stage, "name", None)
-        if role not in ROLES or not isinstance(stage, type) or not issubclass(
-            stage, _ROLE_BASES[role]
+        if (
+            role not in ROLES
+            or not isinstance(stage, type)
+            or not issubclass(stage, _ROLE_BASES[role])
         ):
             raise RegistrationError(
                 f"{stage!r} is not a Scorer, Selector or Merger subclass with a `role`"
@@ -128,7 +130,7 @@ class StageRegistry(_Registry[type[Stage]]):  # type: ignore[type-arg]
         """Sorted names of the registered stages of one role."""
         return sorted(n for r, n in self._items if r == role)
 
-    def get(self, role: Role, name: str) -> type[Stage]:  # type: ignore[type-arg]
+    def get(self, role: Role, name: str) -> type[Stage[Any]]:
         """Return the stage class registered as ``role`` ``name``.
 
         Raises:

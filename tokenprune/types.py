@@ -76,13 +76,16 @@ class TextTokens:
     def __post_init__(self) -> None:
         if (self.embeddings is None) != (self.mask is None):
             raise ShapeError("TextTokens.embeddings and TextTokens.mask go together")
-        if self.mask is not None and self.embeddings is not None:
-            if self.mask.dtype != torch.bool or self.embeddings.shape[:2] != self.mask.shape:
-                raise ShapeError(
-                    f"TextTokens.mask must be a bool tensor of shape (B, T) = "
-                    f"{tuple(self.embeddings.shape[:2])}, got {self.mask.dtype} "
-                    f"{tuple(self.mask.shape)}"
-                )
+        if (
+            self.mask is not None
+            and self.embeddings is not None
+            and (self.mask.dtype != torch.bool or self.embeddings.shape[:2] != self.mask.shape)
+        ):
+            raise ShapeError(
+                f"TextTokens.mask must be a bool tensor of shape (B, T) = "
+                f"{tuple(self.embeddings.shape[:2])}, got {self.mask.dtype} "
+                f"{tuple(self.mask.shape)}"
+            )
         if (
             self.texts is not None
             and self.embeddings is not None

@@ -136,12 +136,17 @@ def shrink_inputs(
     """
     b, length = input_ids.shape
     device = input_ids.device
-    keep_cols = torch.ones(b, length, dtype=torch.bool, device=device)
+    dropped = torch.zeros(b, length, dtype=torch.bool, device=device)
     source = torch.arange(length, device=device).expand(b, length).clone()
     for span, idx in zip(spans, keep_idx, strict=True):
         k = int(idx.numel())
-        keep_cols[span.row, span.start + k : span.start + span.length] = False
+        dropped[span.row, span.start + k : span.start + span.length] = True
         source[span.row, span.start : span.start + k] = span.start + idx.to(device)
+    # The old edge padding goes too (it is rebuilt below), so rows that lose few or no tokens
+    # do not keep the batch at its old length.
+    real = attention_mask.long()
+    edge_pad = (real.cumsum(-1) == 0) | (real.flip(-1).cumsum(-1).flip(-1) == 0)
+    keep_cols = ~dropped & ~edge_pad
     if position_ids is None:
         if default_positions == "arange":
             base = torch.arange(length, device=device).expand(b, length) + past_length
@@ -149,7 +154,7 @@ def shrink_inputs(
             base = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     else:
         base = position_ids
-    removed_before = (~keep_cols).long().cumsum(-1)
+    removed_before = dropped.long().cumsum(-1)
 
     pad_left = _pads_left(attention_mask)
     counts = keep_cols.sum(-1)

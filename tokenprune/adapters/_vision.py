@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ def capture_block_inputs(
 
 def clip_vision_block(blocks: nn.ModuleList, index: int, hidden: torch.Tensor) -> VisionBlock:
     """Describe CLIP block ``index`` (captured input ``hidden``) as a :class:`VisionBlock`."""
-    block = blocks[index]
+    block: Any = blocks[index]
     attn = block.self_attn
     return VisionBlock(
         index=index,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -136,8 +136,19 @@ class ModelAdapter(ABC):
         prune, e.g. on decoding steps.
         """
 
+    def install_hooks(self, pipeline: Pipeline, hooks: HookSet) -> None:
+        """Add adapter-specific hooks that live as long as the installation (default: none).
+
+        Called by :meth:`install` after its own forward pre-hook; everything added to ``hooks``
+        is removed with the handle. Adapters that prune inside the model's forward (a timm ViT,
+        between two blocks) register their per-instance hooks here.
+        """
+        del pipeline, hooks  # nothing to add by default
+
     def install(self, pipeline: Pipeline) -> PruneHandle:
         """Install ``pipeline`` on the model; returns a handle (also a context manager).
+
+        Models without ``generate`` (classifiers) get only the forward hooks.
 
         Raises:
             AdapterError: If a pipeline is already installed on this model instance.
@@ -145,7 +156,8 @@ class ModelAdapter(ABC):
         """
         model = self.model
         current = model.__dict__.get("generate")
-        if current is not None and hasattr(current, _MARK):
+        hooked = any(hasattr(h, _MARK) for h in model._forward_pre_hooks.values())
+        if hooked or (current is not None and hasattr(current, _MARK)):
             raise AdapterError(
                 f"{type(model).__name__} already has a tokenprune pipeline installed; call "
                 "remove() on its handle (or leave its `with` block) first"
@@ -162,11 +174,19 @@ class ModelAdapter(ABC):
             extra = bound.pop("kwargs", {})
             return (), self.prepare_inputs(pipeline, {**bound, **extra}, "forward")
 
+        setattr(forward_pre_hook, _MARK, handle)
         hooks.add(
             "tokenprune.prune_visual_tokens",
             model.register_forward_pre_hook(forward_pre_hook, with_kwargs=True),
         )
-        original_generate = model.generate
+        try:
+            self.install_hooks(pipeline, hooks)
+        except BaseException:
+            hooks.remove()
+            raise
+        if not hasattr(model, "generate"):  # e.g. a timm classifier
+            return handle
+        original_generate: Callable[..., Any] = getattr(model, "generate")  # noqa: B009
 
         @functools.wraps(original_generate)
         def generate(*args: Any, **kwargs: Any) -> Any:

@@ -87,6 +87,10 @@ class LlavaAdapter(ModelAdapter):
 
     # -- model facts -----------------------------------------------------------------------
     @property
+    def _model_any(self) -> Any:
+        return self.model
+
+    @property
     def _inner(self) -> Any:
         return self.model.model
 
@@ -201,7 +205,7 @@ class LlavaAdapter(ModelAdapter):
             return None if texts is None else TextTokens(texts=texts)
         with torch.no_grad():
             emb, mask = text_tokens_for_images(
-                self.model.get_input_embeddings(),
+                self._model_any.get_input_embeddings(),
                 input_ids,
                 attention_mask,
                 self._config.image_token_id,

@@ -3,7 +3,9 @@
 Pure Python: model shapes in, integers out; no torch, no weights. The counts follow the
 token-pruning papers, which count one multiply-accumulate as one FLOP (double the numbers for
 hardware FLOPs; ratios are unaffected). Per LLM decoder layer that sees ``n`` tokens, with hidden
-size ``d`` and FFN intermediate size ``m``::
+size ``d`` and FFN intermediate size ``m``:
+
+.. math::
 
     fastv  (FastV, PyramidDrop):     4*n*d^2 + 2*n^2*d + 2*n*d*m
     desap  (DeSAP, App. B.2 Eq. 6):  4*n*d^2 + 2*n^2*d + 3*n*d*m   (SwiGLU: three FFN matrices)

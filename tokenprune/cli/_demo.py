@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tokenprune.api import apply
 from tokenprune.cli._common import format_table, runtime_from_args
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["register"]
 
@@ -29,9 +29,11 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _timed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> tuple[
-    float, int
-]:
+def _timed_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int
+) -> tuple[float, int]:
+    import torch
+
     times = []
     length = 0
     with torch.inference_mode():
@@ -46,6 +48,9 @@ def _timed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor], repea
 
 def run(args: argparse.Namespace) -> int:
     """Prune a random-weight LLaVA with LLaVA-1.5's token layout (576 tokens per image)."""
+    import torch
+
+    from tokenprune.api import apply
     from tokenprune.testing import llava_prompts, tiny_llava
 
     runtime = runtime_from_args(args)

@@ -24,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     rows = [(r.role, r.name, r.plugin, r.provider) for r in [*runtime.stages, *runtime.adapters]]
     if args.json:
         payload = {
-            "components": [dict(zip(("role", "name", "plugin", "provider"), r, strict=True))
-                           for r in rows],
+            "components": [
+                dict(zip(("role", "name", "plugin", "provider"), r, strict=True)) for r in rows
+            ],
             "plugins": [vars(p) for p in runtime.plugins],
             "failures": [str(f) for f in runtime.failures],
         }
@@ -33,8 +34,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_table(["role", "name", "plugin", "provided by"], rows))
     print()
-    print(format_table(["plugin", "provided by", "source"],
-                       [(p.name, p.provider, p.source) for p in runtime.plugins]))
+    print(
+        format_table(
+            ["plugin", "provided by", "source"],
+            [(p.name, p.provider, p.source) for p in runtime.plugins],
+        )
+    )
     for failure in runtime.failures:
         print(f"\nfailed: {failure}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tokenprune.functional.attention import cls_attention
 from tokenprune.functional.checks import check_features, check_scores
+from tokenprune.functional.received import Rotary, received_attention
 from tokenprune.functional.selection import (
     resolve_budget,
     sorted_keep_indices,
@@ -16,11 +17,13 @@ from tokenprune.functional.selection import (
 from tokenprune.functional.tokens import gather_tokens, random_scores
 
 __all__ = [
+    "Rotary",
     "check_features",
     "check_scores",
     "cls_attention",
     "gather_tokens",
     "random_scores",
+    "received_attention",
     "resolve_budget",
     "sorted_keep_indices",
     "topk_keep_indices",

@@ -19,10 +19,10 @@ def cls_attention(
     num_heads: int,
     num_prefix_tokens: int = 1,
 ) -> torch.Tensor:
-    """Head-averaged attention of the [CLS] query over the patch tokens.
+    r"""Head-averaged attention of the [CLS] query over the patch tokens.
 
     .. math::
-        a = \\frac{1}{H} \\sum_h \\operatorname{softmax}\\left(\\frac{q_{cls,h} K_h^\\top}{\\sqrt{d}}\\right)
+        a = \frac{1}{H} \sum_h \mathrm{softmax}\left(\frac{q_{cls,h} K_h^\top}{\sqrt{d}}\right)
 
     restricted to the patch columns (the softmax runs over all tokens, [CLS] included, as in the
     model). Only one query row is computed, so the cost is :math:`O(N)` per head and it does not
@@ -63,4 +63,5 @@ def cls_attention(
     k = k_proj(normed).float().view(b, t, num_heads, head_dim).transpose(1, 2)
     logits = (q @ k.transpose(-1, -2)) * head_dim**-0.5  # (B, H, 1, T)
     attn = logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
-    return attn.mean(dim=1)
+    result: torch.Tensor = attn.mean(dim=1)
+    return result

@@ -9,7 +9,9 @@ from tokenprune.errors import ShapeError
 __all__ = ["check_features", "check_scores"]
 
 
-def check_scores(scores: torch.Tensor, *, batch: int, num_tokens: int, name: str = "scores") -> None:
+def check_scores(
+    scores: torch.Tensor, *, batch: int, num_tokens: int, name: str = "scores"
+) -> None:
     """Check that ``scores`` is a finite floating-point ``(batch, num_tokens)`` tensor.
 
     Args:

@@ -11,7 +11,9 @@ from tokenprune.errors import BudgetError, ShapeError
 __all__ = ["resolve_budget", "sorted_keep_indices", "topk_keep_indices"]
 
 
-def resolve_budget(num_tokens: int, *, keep: int | None = None, keep_ratio: float | None = None) -> int:
+def resolve_budget(
+    num_tokens: int, *, keep: int | None = None, keep_ratio: float | None = None
+) -> int:
     """Turn a budget into a token count ``K`` for an image of ``num_tokens`` tokens.
 
     Exactly one of ``keep`` and ``keep_ratio`` must be given. A ratio is rounded half up,

@@ -23,17 +23,28 @@ def tokenprune_register_stages(registry: StageRegistry) -> None:
     from tokenprune.stages.mergers.drop import DropMerger
     from tokenprune.stages.scorers.cls_attention import ClsAttentionScorer
     from tokenprune.stages.scorers.random import RandomScorer
+    from tokenprune.stages.scorers.received_attention import ReceivedAttentionScorer
     from tokenprune.stages.selectors.topk import TopKSelector
 
-    for stage in (ClsAttentionScorer, RandomScorer, TopKSelector, DropMerger):
+    for stage in (
+        ClsAttentionScorer,
+        RandomScorer,
+        ReceivedAttentionScorer,
+        TopKSelector,
+        DropMerger,
+    ):
         registry.add(stage)
 
 
 @hookimpl
 def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
     from tokenprune.adapters.llava import LlavaAdapter
+    from tokenprune.adapters.llava_next import LlavaNextAdapter
+    from tokenprune.adapters.video_llava import VideoLlavaAdapter
 
     registry.add(LlavaAdapter)
+    registry.add(LlavaNextAdapter)
+    registry.add(VideoLlavaAdapter)
 
 
 @hookimpl(trylast=True)

@@ -111,7 +111,7 @@ class Runtime:
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure is reported, not fatal
+            except Exception as exc:  # any import failure is reported, not fatal
                 self._fail(ep.name, dist, exc)
                 continue
             self._register(plugin, ep.name, "entrypoint", provider=dist)
@@ -141,7 +141,9 @@ class Runtime:
             return
         self._register(plugin, name, "named")
 
-    def _register(self, plugin: object, name: str, source: str, provider: str | None = None) -> None:
+    def _register(
+        self, plugin: object, name: str, source: str, provider: str | None = None
+    ) -> None:
         if provider is None:
             module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
             provider = provider_of(module)
@@ -151,7 +153,7 @@ class Runtime:
         except RegistrationError:
             self._unregister(plugin, name)
             raise
-        except Exception as exc:  # noqa: BLE001 - isolate a broken plugin
+        except Exception as exc:  # isolate a broken plugin
             self._unregister(plugin, name)
             self._fail(name, provider, exc)
             return

@@ -77,7 +77,7 @@ class Stage(ABC, Generic[ConfigT]):
         """Vision blocks whose input this stage reads (so the adapter captures them)."""
         return frozenset()
 
-    def check_model(self, adapter: ModelAdapter) -> None:  # noqa: B027 - optional hook
+    def check_model(self, adapter: ModelAdapter) -> None:
         """Validate the stage against the model when the pipeline is installed.
 
         Called by :meth:`~tokenprune.Pipeline.check_compatible` after the capability check, so
@@ -86,9 +86,7 @@ class Stage(ABC, Generic[ConfigT]):
         """
 
     def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name"
-        )
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name")
         return f"{type(self).__name__}({fields})"
 
 

@@ -1,4 +1,4 @@
-"""A tiny ``CLIPModel`` paired with a tiny LLaVA (same vision weights), with an offline tokenizer."""
+"""A tiny ``CLIPModel`` paired with a tiny LLaVA (same vision weights) and an offline tokenizer."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 
 __all__ = ["DEFAULT_WORDS", "tiny_paired_clip", "word_tokenizer"]
 
-DEFAULT_WORDS: tuple[str, ...] = tuple(
+_WORDS = (
     "what is the colour color of star circle square triangle cross diamond red green blue yellow "
     "purple orange white black how many objects are there left right above below a an in image "
-    "describe this shape ? , .".split()
+    "describe this shape ? , ."
 )
+DEFAULT_WORDS: tuple[str, ...] = tuple(_WORDS.split())
 
 
 def word_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:

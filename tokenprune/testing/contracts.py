@@ -361,6 +361,11 @@ class _Contract:
         self.label = _stage_label(stage_cls)
         self.user_factory = factory is not None
         self.factory: ContextFactory = factory if factory is not None else make_context
+        # Inputs made by the contract come from here, never from the global RNG.
+        self.generator = torch.Generator().manual_seed(_SEED)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator)
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, message: str) -> NoReturn:
@@ -542,13 +547,14 @@ class _Contract:
             keep = max(1, n // 2)
             where = f"B={batch}, N={n}, K={keep}"
             ctx = self.context(batch, n, keep)
-            first = self.call("score()", lambda ctx=ctx: stage.score(ctx), ctx, where)
+            first = self.call("score()", functools.partial(stage.score, ctx), ctx, where)
             self.check_scores_output(first, batch, n, where)
             # The same instance again, on an equal fresh context: no state, no randomness.
             ctx2 = self.context(batch, n, keep)
-            second = self.call("score()", lambda ctx=ctx2: stage.score(ctx), ctx2, where)
+            second = self.call("score()", functools.partial(stage.score, ctx2), ctx2, where)
             a, b = _maps(first), _maps(second)
-            assert a is not None and b is not None
+            assert a is not None
+            assert b is not None
             self.check(
                 a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
                 f"score() is not deterministic on {where}: two calls on equal inputs differ",
@@ -558,7 +564,7 @@ class _Contract:
         ctx = self.context(BATCH, n, n // 2)
         bad = dataclasses.replace(ctx, visual=VisualTokens(ctx.visual.features[:, 1:]), keep=1)
         where = f"blocks with {n} patches but N={n - 1} visual tokens"
-        result = self.expect_error("score()", lambda: stage.score(bad), where)
+        result = self.expect_error("score()", functools.partial(stage.score, bad), where)
         if result is not None:
             self.check_scores_output(result, BATCH, n - 1, where)
 
@@ -602,20 +608,22 @@ class _Contract:
         stage = self.stage
         assert isinstance(stage, Selector)
         before = {k: v.clone() for k, v in (_maps(scores) or {}).items()}
-        selection = self.call("select()", lambda: stage.select(scores, ctx), ctx, where)
+        selection = self.call("select()", functools.partial(stage.select, scores, ctx), ctx, where)
+        if not isinstance(selection, Selection):
+            self.fail(f"select() returned {type(selection).__name__} on {where}, not a Selection")
         after = _maps(scores) or {}
         self.check(
             all(torch.equal(before[k], after[k]) for k in before),
             f"select() modified the scores in place on {where}",
         )
-        return selection  # type: ignore[no-any-return]
+        return selection
 
     def check_selector(self) -> None:
         stage = self.stage
         assert isinstance(stage, Selector)
-        g = torch.Generator().manual_seed(_SEED)
+        g = self.generator
         kinds: list[tuple[str, Callable[[int, int], torch.Tensor]]] = [
-            ("random scores", lambda b, n: torch.rand(b, n, generator=g)),
+            ("random scores", self.uniform),
             ("constant scores", lambda b, n: torch.ones(b, n)),
             (
                 "integer scores with ties",
@@ -626,7 +634,7 @@ class _Contract:
             for k in self.budgets(n):
                 for kind, make in kinds:
                     where = f"{kind}, B={batch}, N={n}, K={k}"
-                    scores = self.make_scores(lambda make=make, b=batch, n=n: make(b, n))
+                    scores = self.make_scores(functools.partial(make, batch, n))
                     first = self.select(scores, self.context(batch, n, k), where)
                     self.check_selection(first, batch, n, k, where)
                     second = self.select(scores, self.context(batch, n, k), where)
@@ -649,23 +657,24 @@ class _Contract:
         stage = self.stage
         assert isinstance(stage, Selector)
         n = NUM_TOKENS[-1]
-        g = torch.Generator().manual_seed(_SEED)
 
         def nan_scores() -> torch.Tensor:
-            s = torch.rand(BATCH, n, generator=g)
+            s = self.uniform(BATCH, n)
             s[0, 3] = float("nan")
             return s
 
         bad_inputs: list[tuple[str, Callable[[], torch.Tensor]]] = [
-            (f"scores of shape (B, N + 1) = {(BATCH, n + 1)}", lambda: torch.rand(BATCH, n + 1)),
-            (f"scores of shape (B + 1, N) = {(BATCH + 1, n)}", lambda: torch.rand(BATCH + 1, n)),
-            (f"1-D scores of shape {(n,)}", lambda: torch.rand(n)),
+            (f"scores of shape (B, N + 1) = {(BATCH, n + 1)}", lambda: self.uniform(BATCH, n + 1)),
+            (f"scores of shape (B + 1, N) = {(BATCH + 1, n)}", lambda: self.uniform(BATCH + 1, n)),
+            (f"1-D scores of shape {(n,)}", lambda: self.uniform(n)),
             ("scores with a NaN", nan_scores),
         ]
         for what, make in bad_inputs:
             ctx = self.context(BATCH, n, n // 2)
             scores = self.make_scores(make)
-            result = self.expect_error("select()", lambda s=scores, c=ctx: stage.select(s, c), what)
+            result = self.expect_error(
+                "select()", functools.partial(stage.select, scores, ctx), what
+            )
             if result is not None:
                 self.fail(f"select() accepted {what} silently; raise a ShapeError")
 
@@ -673,19 +682,18 @@ class _Contract:
     def check_merger(self) -> None:
         stage = self.stage
         assert isinstance(stage, Merger)
-        g = torch.Generator().manual_seed(_SEED)
         for batch, n in [(1, 4), *((BATCH, n) for n in NUM_TOKENS)]:
             for k in self.budgets(n):
                 where = f"B={batch}, N={n}, K={k}"
-                selection = Selection(F.topk_keep_indices(torch.rand(batch, n, generator=g), k))
+                selection = Selection(F.topk_keep_indices(self.uniform(batch, n), k))
                 ctx = self.context(batch, n, k)
                 first = self.call(
-                    "merge()", lambda c=ctx, s=selection: stage.merge(c, s), ctx, where
+                    "merge()", functools.partial(stage.merge, ctx, selection), ctx, where
                 )
                 self.check_pruned(first, ctx, selection, where)
                 ctx2 = self.context(batch, n, k)
                 second = self.call(
-                    "merge()", lambda c=ctx2, s=selection: stage.merge(c, s), ctx2, where
+                    "merge()", functools.partial(stage.merge, ctx2, selection), ctx2, where
                 )
                 self.check(
                     torch.equal(first.features, second.features)
@@ -702,7 +710,9 @@ class _Contract:
             (f"a selection with index N = {n}", Selection(torch.tensor([[0, n]] * BATCH))),
         ]
         for what, selection in bad_selections:
-            result = self.expect_error("merge()", lambda s=selection: stage.merge(ctx, s), what)
+            result = self.expect_error(
+                "merge()", functools.partial(stage.merge, ctx, selection), what
+            )
             if result is not None:
                 self.fail(f"merge() accepted {what} silently; raise a ShapeError")
 
@@ -748,10 +758,10 @@ class _Contract:
             ctx = _without(self.context(BATCH, n, k), capability)
             where = f"a context without capability {capability.value!r}"
             if isinstance(stage, Scorer):
-                self.expect_error("score()", lambda c=ctx: stage.score(c), where)
+                self.expect_error("score()", functools.partial(stage.score, ctx), where)
             elif isinstance(stage, Selector):
-                scores = self.make_scores(lambda: torch.rand(BATCH, n))
-                self.expect_error("select()", lambda c=ctx, s=scores: stage.select(s, c), where)
+                scores = self.make_scores(functools.partial(self.uniform, BATCH, n))
+                self.expect_error("select()", functools.partial(stage.select, scores, ctx), where)
             elif isinstance(stage, Merger):
                 selection = Selection(torch.arange(k).expand(BATCH, k).contiguous())
-                self.expect_error("merge()", lambda c=ctx: stage.merge(c, selection), where)
+                self.expect_error("merge()", functools.partial(stage.merge, ctx, selection), where)

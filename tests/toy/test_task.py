@@ -1,0 +1,154 @@
+"""Tests of the ``shapes`` task generator: determinism, answer correctness, balance, splits."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tokenprune.toy import task
+
+PER_FAMILY = 24
+
+
+@pytest.fixture(scope="module")
+def validation() -> list[task.Example]:
+    """A small validation split."""
+    return task.make_split("validation", 0, PER_FAMILY)
+
+
+def _find(scene: task.Scene, colour: str, shape: str) -> task.SceneObject | None:
+    hits = [o for o in scene.objects if o.colour == colour and o.shape == shape]
+    assert len(hits) <= 1, "(colour, shape) pairs must be unique in a scene"
+    return hits[0] if hits else None
+
+
+def _recompute(scene: task.Scene, q: task.Question) -> str:
+    """Answer a question from the scene description alone (independent of the generator)."""
+    colours, shapes = "|".join(task.COLOUR_NAMES), "|".join(task.SHAPES)
+    if q.family == "attribute":
+        shape = re.fullmatch(rf"What colour is the ({shapes})\?", q.text)
+        assert shape is not None
+        hits = [o for o in scene.objects if o.shape == shape.group(1)]
+        assert len(hits) == 1, "attribute questions must name a unique shape"
+        return hits[0].colour
+    if q.family == "existence":
+        m = re.fullmatch(rf"Is there a ({colours}) ({shapes})\?", q.text)
+        assert m is not None
+        return "yes" if _find(scene, m.group(1), m.group(2)) else "no"
+    if q.family == "counting":
+        m = re.fullmatch(rf"How many ({colours}) objects\?", q.text)
+        assert m is not None
+        return task.NUMBER_WORDS[sum(o.colour == m.group(1) for o in scene.objects)]
+    if q.family == "spatial":
+        m = re.fullmatch(
+            rf"Is the ({colours}) ({shapes}) (left of|right of|above|below) the ({colours}) ({shapes})\?",
+            q.text,
+        )
+        assert m is not None
+        a, b = _find(scene, m.group(1), m.group(2)), _find(scene, m.group(4), m.group(5))
+        assert a is not None and b is not None
+        horizontal = m.group(3) in ("left of", "right of")
+        ka, kb = (a.cx, b.cx) if horizontal else (a.cy, b.cy)
+        assert abs(ka - kb) >= 10, "spatial pairs must be clearly separated"
+        before = ka < kb
+        return "yes" if before == (m.group(3) in ("left of", "above")) else "no"
+    assert q.family == "describe" and q.text == "Describe the image."
+    radii = sorted((o.radius for o in scene.objects), reverse=True)
+    assert radii[0] > radii[1], "the largest object must be unique"
+    big = max(scene.objects, key=lambda o: o.radius)
+    return f"{big.colour} {big.shape}"
+
+
+def test_generator_is_deterministic() -> None:
+    """The same (split, seed, family, index) gives the same scene, question and pixels."""
+    for family in task.FAMILIES:
+        a = task.make_example("test", 3, family, 5)
+        b = task.make_example("test", 3, family, 5)
+        assert a == b
+        np.testing.assert_array_equal(task.render(a.scene)[0], task.render(b.scene)[0])
+    assert task.make_example("test", 3, "counting", 5) != task.make_example("test", 4, "counting", 5)
+
+
+def test_answers_recomputed_from_scene(validation: list[task.Example]) -> None:
+    """Every reference answer equals the answer recomputed from the scene's objects."""
+    for ex in validation:
+        assert _recompute(ex.scene, ex.question) == ex.question.answer, ex.question
+
+
+def test_training_questions_are_correct() -> None:
+    """Training questions (several per scene) are also correct."""
+    for i in range(30):
+        scene, rng = task.train_scene(0, i)
+        for q in task.training_questions(scene, rng, 8):
+            assert _recompute(scene, q) == q.answer, q
+
+
+def test_scene_constraints() -> None:
+    """3-9 objects, no overlap, >= 6 shapes and >= 8 colours in the vocabulary."""
+    assert len(task.SHAPES) >= 6 and len(task.COLOUR_NAMES) >= 8
+    for i in range(50):
+        scene, _ = task.train_scene(1, i)
+        assert 3 <= len(scene.objects) <= 9
+        cells = [(o.row, o.col) for o in scene.objects]
+        assert len(set(cells)) == len(cells)
+        image, obj_map = task.render(scene)
+        assert image.shape == (96, 96, 3) and image.dtype == np.uint8
+        for k, o in enumerate(scene.objects):
+            assert (obj_map == k).sum() > 0.25 * o.radius**2, "objects must stay visible"
+
+
+def test_answers_balanced(validation: list[task.Example]) -> None:
+    """Within each family the balanced targets occur equally often."""
+    for family in ("attribute", "existence", "counting", "spatial"):
+        counts = Counter(e.question.answer for e in validation if e.question.family == family)
+        assert max(counts.values()) - min(counts.values()) <= 1, (family, counts)
+        assert set(counts) == set(task.answer_targets(family))
+
+
+def test_splits_disjoint(validation: list[task.Example]) -> None:
+    """No scene is shared between the train, validation and test splits."""
+    test = task.make_split("test", 0, PER_FAMILY)
+    train = [task.train_scene(0, i)[0] for i in range(500)]
+    seeds = [{s.texture_seed for s in split} for split in (train, [e.scene for e in validation], [e.scene for e in test])]
+    assert not seeds[0] & seeds[1] and not seeds[0] & seeds[2] and not seeds[1] & seeds[2]
+
+
+def test_patch_labels_match_objects() -> None:
+    """The patch under a solid object's centre is labelled with that object."""
+    scene, _ = task.train_scene(0, 7)
+    _, obj_map = task.render(scene)
+    idx = task.patch_object_index(obj_map)
+    assert idx.shape == (task.NUM_PATCHES,)
+    for k, o in enumerate(scene.objects):
+        if o.shape in ("circle", "square"):
+            assert idx[(o.cy // task.PATCH_SIZE) * task.GRID + o.cx // task.PATCH_SIZE] == k
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "ok"),
+    [
+        (" Red.", "red", True),
+        ("2", "two", True),
+        ("the blue star", "blue star", True),
+        ("Yes!", "yes", True),
+        ("blue", "red", False),
+        ("red star", "red", False),
+    ],
+)
+def test_normalize_answer(prediction: str, answer: str, ok: bool) -> None:
+    """Normalisation lower-cases, strips punctuation/articles and maps digits."""
+    assert task.is_correct(prediction, answer) is ok
+
+
+def test_caption_words_in_vocabulary() -> None:
+    """Captions and questions only use words of the CLIP vocabulary."""
+    vocab = set(task.vocabulary())
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        scene, qrng = task.train_scene(0, i)
+        texts = [task.caption_variants(scene, rng)] + [q.text for q in task.training_questions(scene, qrng, 5)]
+        for t in texts:
+            assert set(re.findall(r"\w+|[^\w\s]", t.lower())) <= vocab, t
