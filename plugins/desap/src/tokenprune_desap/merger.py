@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from tokenprune import Capability, PrunedTokens, PruneContext, Selection, StageConfig
-from tokenprune import Merger
+from tokenprune import (
+    Capability,
+    CapabilityError,
+    Merger,
+    PruneContext,
+    PrunedTokens,
+    Selection,
+    ShapeError,
+    StageConfig,
+)
 from tokenprune_desap import functional as F
 
 __all__ = ["NearestMerger", "NearestMergerConfig"]
@@ -44,7 +52,7 @@ class NearestMerger(Merger[NearestMergerConfig]):
     Config: ClassVar[type[StageConfig]] = NearestMergerConfig
 
     def required_capabilities(self) -> frozenset[Capability]:
-        needs = set()
+        needs: set[Capability] = set()
         if self.config.space == "projected":
             needs.add(Capability.PROJECTOR)
         if self.config.weighting == "cls_attention":
@@ -60,14 +68,20 @@ class NearestMerger(Merger[NearestMergerConfig]):
         features = ctx.visual.features
         similarity = None
         if self.config.space == "projected":
+            ctx.require(Capability.PROJECTOR, self.name)
             if ctx.projector is None:
-                ctx.require(Capability.PROJECTOR, self.name)
-            assert ctx.projector is not None
+                raise CapabilityError(
+                    "nearest_merge with space 'projected' needs the model's projector, which "
+                    "this adapter did not provide; use space: features"
+                )
             similarity = ctx.projector(features)
         weights = None
         if self.config.weighting == "cls_attention":
             weights = ctx.cls_attention(self.config.saliency_layer)
-        merged, sizes = F.nearest_merge(
-            features, selection.keep_idx, similarity_features=similarity, weights=weights
-        )
+        try:
+            merged, sizes = F.nearest_merge(
+                features, selection.keep_idx, similarity_features=similarity, weights=weights
+            )
+        except ValueError as exc:
+            raise ShapeError(f"nearest_merge: {exc}") from exc
         return PrunedTokens(features=merged, keep_idx=selection.keep_idx, weights=sizes)

@@ -18,7 +18,7 @@ __all__ = ["DesapScorer", "DesapScorerConfig"]
 
 
 class DesapScorerConfig(StageConfig):
-    """Configuration of :class:`DesapScorer` (defaults follow the paper; see the method page).
+    r"""Configuration of :class:`DesapScorer` (defaults follow the paper; see the method page).
 
     Attributes:
         layer: Vision block ``l`` whose input :math:`S_v^{l-1}` is decomposed (Eq. 1-2). ``-1``
@@ -29,7 +29,7 @@ class DesapScorerConfig(StageConfig):
             without [CLS], e.g. Qwen2.5-VL).
         encoding: Attention encoding of the decoupled attention (``qq`` best in the paper).
         align: Fine-grained cross-modal alignment (FCMA, Eq. 3); off gives "De-Simi".
-        lam: FCMA sharpness :math:`\\lambda`.
+        lam: FCMA sharpness :math:`\lambda`.
         text_source: ``clip``: the paired CLIP text encoder (the paper). ``llm_embeddings``: the
             language model's input embeddings of the prompt, compared with the decoupled
             attention mapped through the model's projector (our extension for models without a
@@ -40,6 +40,8 @@ class DesapScorerConfig(StageConfig):
         text_filter: Keep only [EOS] and the ``text_filter_top_n`` tokens [EOS] attends to most
             (the paper's CalibCLIP step for long prompts).
         text_filter_top_n: Tokens kept by the filter besides [EOS].
+        text_start_token: Count the start-of-text token among the text tokens :math:`S_q` (the
+            paper's "non-padded tokens", so on by default) [O5]; ``false`` drops it.
         text_global: ``llm_embeddings`` source only: the global text token is the mean or the
             last valid prompt embedding.
     """
@@ -56,6 +58,7 @@ class DesapScorerConfig(StageConfig):
     allow_unpaired_text_encoder: bool = False
     text_filter: bool = False
     text_filter_top_n: int = Field(default=30, ge=1)
+    text_start_token: bool = True
     text_global: Literal["mean", "last"] = "mean"
 
     @model_validator(mode="after")
@@ -137,6 +140,19 @@ class DesapScorer(Scorer[DesapScorerConfig]):
         cfg = self.config
         block = ctx.vision_block(cfg.layer)
         prefix = block.num_prefix_tokens
+        if block.rotary is not None or block.segments is not None or block.group_size != 1:
+            raise CapabilityError(
+                "desap recomputes the decoupled attention of a plain ViT block; vision block "
+                f"{cfg.layer} uses rotary embeddings, attention segments or merged patch groups "
+                "(e.g. Qwen2.5-VL), which it does not support yet"
+            )
+        patches = block.hidden.shape[1] - prefix
+        if patches != ctx.visual.num_tokens:
+            raise CapabilityError(
+                f"desap: vision block {cfg.layer} has {patches} patch tokens but "
+                f"{ctx.visual.num_tokens} visual tokens are pruned; this adapter prunes at another "
+                "granularity than the vision blocks"
+            )
         decoupled = F.decoupled_attention(
             block.normed(),
             block.q_proj,
@@ -155,16 +171,13 @@ class DesapScorer(Scorer[DesapScorerConfig]):
         task = F.fcma_relevance(
             visual, visual_global, text, mask, text_global, lam=cfg.lam, align=cfg.align
         )
-        return {"task": task, "saliency": self._saliency(ctx)}
+        saliency = self._saliency(ctx)
+        return {"task": task.to(saliency.device), "saliency": saliency}
 
     def _saliency(self, ctx: PruneContext) -> torch.Tensor:
         if self.config.saliency == "cls_attention":
             return ctx.cls_attention(self.config.saliency_layer)
-        received = getattr(ctx, "received_attention", None)
-        if received is None:
-            raise CapabilityError("this tokenprune version has no received_attention in context")
-        result: torch.Tensor = received(self.config.saliency_layer)
-        return result
+        return ctx.received_attention(self.config.saliency_layer)
 
     def _clip_inputs(
         self, ctx: PruneContext, decoupled: torch.Tensor
@@ -185,6 +198,8 @@ class DesapScorer(Scorer[DesapScorerConfig]):
         joint = encoder.project_visual(decoupled)
         encoded = encoder.encode(text.texts)
         mask = encoded.mask
+        if not self.config.text_start_token:
+            mask = mask & ~encoded.start_mask
         if self.config.text_filter:
             mask = F.text_filter_mask(
                 encoded.eos_attention, mask, encoded.eos_index, top_n=self.config.text_filter_top_n
@@ -206,12 +221,6 @@ class DesapScorer(Scorer[DesapScorerConfig]):
             raise CapabilityError(
                 "desap with text_source 'llm_embeddings' needs the prompt's embeddings and the "
                 "model's projector from the adapter"
-            )
-        if decoupled_patches.shape[1] != ctx.visual.num_tokens:
-            raise CapabilityError(
-                f"desap: the vision block has {decoupled_patches.shape[1]} patch tokens but "
-                f"{ctx.visual.num_tokens} visual tokens are pruned; this adapter prunes at another "
-                "granularity than the vision blocks"
             )
         visual = F.l2_normalize(ctx.projector(decoupled_patches).float())
         visual_global = F.l2_normalize(visual.mean(dim=1))

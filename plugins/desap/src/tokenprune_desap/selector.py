@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from tokenprune import ConfigError, PruneContext, Selection, Selector, StageConfig
+from tokenprune import (
+    BudgetError,
+    ConfigError,
+    PruneContext,
+    Selection,
+    Selector,
+    ShapeError,
+    StageConfig,
+)
 from tokenprune_desap import functional as F
 
 __all__ = ["DesapJointSelector", "DesapJointSelectorConfig"]
@@ -43,19 +52,35 @@ class DesapJointSelector(Selector[DesapJointSelectorConfig]):
     name: ClassVar[str] = "desap_joint"
     Config: ClassVar[type[StageConfig]] = DesapJointSelectorConfig
 
+    @classmethod
+    def contract_score_names(cls) -> tuple[str, str]:
+        """The names of the two maps the default configuration reads (for the contract kit)."""
+        return ("task", "saliency")
+
     def select(
-        self, scores: torch.Tensor | dict[str, torch.Tensor], ctx: PruneContext
+        self, scores: torch.Tensor | Mapping[str, torch.Tensor], ctx: PruneContext
     ) -> Selection:
         cfg = self.config
-        if isinstance(scores, torch.Tensor) or not {cfg.task_key, cfg.saliency_key} <= set(
-            scores
-        ):
+        keys = (cfg.task_key, cfg.saliency_key)
+        if isinstance(scores, torch.Tensor) or not set(keys) <= set(scores):
             got = "one unnamed map" if isinstance(scores, torch.Tensor) else sorted(scores)
             raise ConfigError(
                 f"desap_joint needs two named score maps {cfg.task_key!r} and "
                 f"{cfg.saliency_key!r} (e.g. from the desap scorer), got {got}; set "
                 "`task_key`/`saliency_key` to match your scorer"
             )
+        expected = (ctx.visual.batch_size, ctx.visual.num_tokens)
+        for key in keys:
+            value = scores[key]
+            if tuple(value.shape) != expected:
+                raise ShapeError(
+                    f"desap_joint: score map {key!r} must be (B, N) = {expected}, got "
+                    f"{tuple(value.shape)}"
+                )
+            if bool(torch.isnan(value).any()):
+                raise ShapeError(f"desap_joint: score map {key!r} contains NaN values")
+        if not 1 <= ctx.keep <= expected[1]:
+            raise BudgetError(f"desap_joint: cannot keep K={ctx.keep} of N={expected[1]} tokens")
         idx = F.joint_rank_select(
             scores[cfg.task_key], scores[cfg.saliency_key], ctx.keep, cfg.task_fraction
         )

@@ -9,6 +9,7 @@ model's vision weights are the VLM's vision tower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,12 @@ class EncodedText:
         mask: ``True`` for real (non-padded) tokens.
         eos_index: Position of the [EOS] token per sample.
         eos_attention: Head-averaged last-layer attention of the [EOS] query over all tokens.
+        start_mask: ``True`` at the start-of-text token of each sample (all ``False`` if the
+            tokenizer adds none).
 
     Shape:
         - tokens: :math:`(B, T, E)`
-        - mask, eos_attention: :math:`(B, T)`
+        - mask, eos_attention, start_mask: :math:`(B, T)`
         - eos_index: :math:`(B,)`
     """
 
@@ -41,6 +44,7 @@ class EncodedText:
     mask: Tensor
     eos_index: Tensor
     eos_attention: Tensor
+    start_mask: Tensor
 
     @property
     def eos(self) -> Tensor:
@@ -79,7 +83,8 @@ def query_row_attention(
 
     Examples:
         >>> x = torch.randn(1, 4, 8); eye = torch.nn.Identity()
-        >>> a = query_row_attention(x, eye, eye, 2, torch.tensor([2]), torch.ones(1, 4, dtype=torch.bool))
+        >>> valid = torch.ones(1, 4, dtype=torch.bool)
+        >>> a = query_row_attention(x, eye, eye, 2, torch.tensor([2]), valid)
         >>> round(float(a.sum()), 5), float(a[0, 3])
         (1.0, 0.0)
     """
@@ -88,7 +93,7 @@ def query_row_attention(
     rows = normed[torch.arange(b), query_index].unsqueeze(1)
     q = q_proj(rows).float().view(b, 1, num_heads, head_dim).transpose(1, 2)
     k = k_proj(normed).float().view(b, t, num_heads, head_dim).transpose(1, 2)
-    logits = (q @ k.transpose(-1, -2))[:, :, 0] * head_dim**-0.5  # (B, H, T)
+    logits = (q @ k.transpose(-1, -2))[:, :, 0] / math.sqrt(head_dim)  # (B, H, T)
     positions = torch.arange(t, device=normed.device)
     allowed = key_mask.bool() & (positions[None, :] <= query_index[:, None])
     logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
@@ -114,6 +119,12 @@ class PairedTextEncoder:
         self.clip = clip.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
+
+    @property
+    def _model(self) -> Any:
+        # The CLIPModel with its attributes untyped (nn.Module.__getattr__ is a Tensor/Module
+        # union for type checkers).
+        return self.clip
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> PairedTextEncoder:
@@ -143,7 +154,7 @@ class PairedTextEncoder:
         Raises:
             ConfigError: Naming how many weights differ and the first one.
         """
-        ours = _strip(self.clip.vision_model.state_dict())
+        ours = _strip(self._model.vision_model.state_dict())
         theirs = _strip(vision_tower.state_dict())
         missing = sorted(set(theirs) - set(ours))
         differ = [
@@ -169,10 +180,11 @@ class PairedTextEncoder:
         Shape:
             - hidden: :math:`(B, T, C)` -> :math:`(B, T, E)`
         """
-        vision = self.clip.vision_model
+        model = self._model
         param = next(self.clip.parameters())
         x = hidden.to(param.device, param.dtype)
-        return F.l2_normalize(self.clip.visual_projection(vision.post_layernorm(x)).float())
+        projected = model.visual_projection(model.vision_model.post_layernorm(x))
+        return F.l2_normalize(projected.float())
 
     @torch.no_grad()
     def encode(self, texts: list[str] | tuple[str, ...]) -> EncodedText:
@@ -196,7 +208,7 @@ class PairedTextEncoder:
         )
         ids = batch["input_ids"].to(param.device)
         mask = batch["attention_mask"].to(param.device).bool()
-        text_model = self.clip.text_model
+        text_model = self._model.text_model
         last = text_model.encoder.layers[-1]
         captured: dict[str, Tensor] = {}
 
@@ -210,7 +222,13 @@ class PairedTextEncoder:
             handle.remove()
         positions = torch.arange(ids.shape[1], device=ids.device)
         eos_index = (positions[None, :] * mask).argmax(dim=-1)  # last valid token
-        tokens = F.l2_normalize(self.clip.text_projection(out.last_hidden_state).float())
+        first = mask.to(torch.uint8).argmax(dim=-1)  # first valid token
+        start_mask = torch.zeros_like(mask)
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None:
+            is_start = ids.gather(1, first[:, None]) == bos
+            start_mask.scatter_(1, first[:, None], is_start & (first != eos_index)[:, None])
+        tokens = F.l2_normalize(self._model.text_projection(out.last_hidden_state).float())
         attn = last.self_attn
         eos_attention = query_row_attention(
             last.layer_norm1(captured["h"]),
@@ -221,7 +239,11 @@ class PairedTextEncoder:
             mask,
         )
         return EncodedText(
-            tokens=tokens, mask=mask, eos_index=eos_index, eos_attention=eos_attention
+            tokens=tokens,
+            mask=mask,
+            eos_index=eos_index,
+            eos_attention=eos_attention,
+            start_mask=start_mask,
         )
 
 

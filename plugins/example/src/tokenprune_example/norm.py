@@ -49,7 +49,8 @@ def feature_norm_scores(features: torch.Tensor) -> torch.Tensor:
         )
     if not features.is_floating_point():
         raise ShapeError(f"features must be a floating-point tensor, got {features.dtype}")
-    return torch.linalg.vector_norm(features.float(), ord=2, dim=-1)
+    norms: torch.Tensor = torch.linalg.vector_norm(features.float(), ord=2, dim=-1)
+    return norms
 
 
 class FeatureNormScorerConfig(StageConfig):
@@ -74,7 +75,8 @@ class FeatureNormScorer(Scorer[FeatureNormScorerConfig]):
 
     Examples:
         >>> from tokenprune import PruneContext, VisualTokens
-        >>> ctx = PruneContext(visual=VisualTokens(torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])), keep=1)
+        >>> features = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]])
+        >>> ctx = PruneContext(visual=VisualTokens(features), keep=1)
         >>> FeatureNormScorer().score(ctx)
         tensor([[5., 1.]])
     """
