@@ -92,7 +92,7 @@ class Pipeline:
         for role in ("scorer", "selector", "merger"):
             stage_config = getattr(config, role)
             stage_cls = runtime.stages.get(role, stage_config.name)
-            stages[role] = stage_cls(stage_config)
+            stages[role] = stage_cls.from_config(stage_config, stages=runtime.stages)
         return cls(
             stages["scorer"],  # type: ignore[arg-type]
             stages["selector"],  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ an identically seeded model that is never pruned.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import pytest
@@ -286,9 +287,9 @@ def test_original_positions_forward(model: nn.Module, padding_side: str) -> None
     runtime = Runtime([recorder], autoload=False)
     images = [1, 2]
     batch = llava_prompts(model, [(2, 3), (1, 5)], images_per_row=images, padding_side=padding_side)
-    with torch.no_grad(), tokenprune.apply(model, config(4, "original"), runtime=runtime):
-        with LMInputs(model) as lm:
-            model(**batch)
+    pipeline = config(4, "original")
+    with torch.no_grad(), tokenprune.apply(model, pipeline, runtime=runtime), LMInputs(model) as lm:
+        model(**batch)
     ((_, pruned),) = recorder.calls
     length = batch["input_ids"].shape[1]
     unpruned = torch.arange(length)  # what a forward pass numbers its tokens with
@@ -305,9 +306,9 @@ def test_original_positions_generate(model: nn.Module, reference: nn.Module) -> 
     with torch.no_grad():
         with LMInputs(reference) as ref_lm:
             reference.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        with tokenprune.apply(model, config(4, "original"), runtime=runtime):
-            with LMInputs(model) as lm:
-                model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        pipeline = config(4, "original")
+        with tokenprune.apply(model, pipeline, runtime=runtime), LMInputs(model) as lm:
+            model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     ((_, pruned),) = recorder.calls
     unpruned = real_positions(ref_lm.calls[0])
     full_cols = [batch["attention_mask"][r].nonzero().flatten() for r in range(len(images))]
@@ -493,55 +494,56 @@ def test_cls_attention_matches_eager_attention_weights(model: nn.Module, layer: 
 
 
 # -- errors -------------------------------------------------------------------------------------
-def test_more_images_than_placeholder_spans(model: nn.Module, runtime: Runtime) -> None:
-    batch = llava_prompts(model, [(2, 3), (1, 5)])
+@pytest.fixture
+def pruned(model: nn.Module, runtime: Runtime) -> Iterator[nn.Module]:
+    """``model`` with a keep-4 pipeline installed for the duration of the test."""
+    with tokenprune.apply(model, config(4), runtime=runtime):
+        yield model
+
+
+def test_more_images_than_placeholder_spans(pruned: nn.Module) -> None:
+    batch = llava_prompts(pruned, [(2, 3), (1, 5)])
     batch["pixel_values"] = torch.cat([batch["pixel_values"], batch["pixel_values"][:1]])
-    with tokenprune.apply(model, config(4), runtime=runtime), torch.no_grad():
-        with pytest.raises(
-            AdapterError, match=r"placeholders for 2 image\(s\).*pixel_values hold 3"
-        ):
-            model(**batch)
+    with pytest.raises(AdapterError, match=r"placeholders for 2 image\(s\).*pixel_values hold 3"):
+        pruned(**batch)
 
 
-def test_more_placeholders_than_images(model: nn.Module, runtime: Runtime) -> None:
-    batch = llava_prompts(model, [(2, 3), (1, 5)])
+def test_more_placeholders_than_images(pruned: nn.Module) -> None:
+    batch = llava_prompts(pruned, [(2, 3), (1, 5)])
     batch["pixel_values"] = batch["pixel_values"][:1]
-    with tokenprune.apply(model, config(4), runtime=runtime), torch.no_grad():
-        with pytest.raises(AdapterError, match=r"more image placeholders than the 1 image"):
-            model(**batch)
+    with pytest.raises(AdapterError, match=r"more image placeholders than the 1 image"):
+        pruned(**batch)
 
 
-def test_truncated_placeholder_span(model: nn.Module, runtime: Runtime) -> None:
-    batch = llava_prompts(model, [(2, 3)])
+def test_truncated_placeholder_span(pruned: nn.Module) -> None:
+    batch = llava_prompts(pruned, [(2, 3)])
     ids = batch["input_ids"]
     first = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
     ids[0, first] = 5  # 15 placeholders left for a 16-token image
-    with tokenprune.apply(model, config(4), runtime=runtime), torch.no_grad():
-        with pytest.raises(AdapterError, match="shorter than the 16 tokens of image 0"):
-            model(**batch)
+    with pytest.raises(AdapterError, match="shorter than the 16 tokens of image 0"):
+        pruned(**batch)
 
 
-def test_missing_input_ids(model: nn.Module, runtime: Runtime) -> None:
-    batch = llava_prompts(model, [(2, 3)])
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    with tokenprune.apply(model, config(4), runtime=runtime), torch.no_grad():
-        with pytest.raises(AdapterError, match="needs input_ids"):
-            model(
-                inputs_embeds=embeds,
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-            )
+def test_missing_input_ids(pruned: nn.Module) -> None:
+    batch = llava_prompts(pruned, [(2, 3)])
+    embeds = pruned.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(AdapterError, match="needs input_ids"):
+        pruned(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        )
 
 
-def test_query_of_wrong_length(model: nn.Module, runtime: Runtime) -> None:
-    batch = llava_prompts(model, [(2, 3), (1, 5)])
-    with tokenprune.apply(model, config(4), runtime=runtime), torch.no_grad():
-        with pytest.raises(AdapterError, match=r"1 string\(s\) but the batch has 2 prompt"):
-            model(**batch, tokenprune_query=["what is it?"])
-        with pytest.raises(AdapterError, match="string or a list of strings"):
-            model.generate(**batch, tokenprune_query=[1, 2], max_new_tokens=1)
-        # The right length is accepted and never reaches the model.
-        out = model(**batch, tokenprune_query=["what is it?", "and this?"])
+def test_query_of_wrong_length(pruned: nn.Module) -> None:
+    batch = llava_prompts(pruned, [(2, 3), (1, 5)])
+    with pytest.raises(AdapterError, match=r"1 string\(s\) but the batch has 2 prompt"):
+        pruned(**batch, tokenprune_query=["what is it?"])
+    with pytest.raises(AdapterError, match="string or a list of strings"):
+        pruned.generate(**batch, tokenprune_query=[1, 2], max_new_tokens=1)
+    # The right length is accepted and never reaches the model.
+    with torch.no_grad():
+        out = pruned(**batch, tokenprune_query=["what is it?", "and this?"])
     assert out.logits.shape[1] == batch["input_ids"].shape[1] - (N - 4)
 
 

@@ -44,18 +44,21 @@ def _recompute(scene: task.Scene, q: task.Question) -> str:
         return task.NUMBER_WORDS[sum(o.colour == m.group(1) for o in scene.objects)]
     if q.family == "spatial":
         m = re.fullmatch(
-            rf"Is the ({colours}) ({shapes}) (left of|right of|above|below) the ({colours}) ({shapes})\?",
+            rf"Is the ({colours}) ({shapes}) (left of|right of|above|below) "
+            rf"the ({colours}) ({shapes})\?",
             q.text,
         )
         assert m is not None
         a, b = _find(scene, m.group(1), m.group(2)), _find(scene, m.group(4), m.group(5))
-        assert a is not None and b is not None
+        assert a is not None
+        assert b is not None
         horizontal = m.group(3) in ("left of", "right of")
         ka, kb = (a.cx, b.cx) if horizontal else (a.cy, b.cy)
         assert abs(ka - kb) >= 10, "spatial pairs must be clearly separated"
         before = ka < kb
         return "yes" if before == (m.group(3) in ("left of", "above")) else "no"
-    assert q.family == "describe" and q.text == "Describe the image."
+    assert q.family == "describe"
+    assert q.text == "Describe the image."
     radii = sorted((o.radius for o in scene.objects), reverse=True)
     assert radii[0] > radii[1], "the largest object must be unique"
     big = max(scene.objects, key=lambda o: o.radius)
@@ -69,7 +72,9 @@ def test_generator_is_deterministic() -> None:
         b = task.make_example("test", 3, family, 5)
         assert a == b
         np.testing.assert_array_equal(task.render(a.scene)[0], task.render(b.scene)[0])
-    assert task.make_example("test", 3, "counting", 5) != task.make_example("test", 4, "counting", 5)
+    assert task.make_example("test", 3, "counting", 5) != task.make_example(
+        "test", 4, "counting", 5
+    )
 
 
 def test_answers_recomputed_from_scene(validation: list[task.Example]) -> None:
@@ -88,14 +93,16 @@ def test_training_questions_are_correct() -> None:
 
 def test_scene_constraints() -> None:
     """3-9 objects, no overlap, >= 6 shapes and >= 8 colours in the vocabulary."""
-    assert len(task.SHAPES) >= 6 and len(task.COLOUR_NAMES) >= 8
+    assert len(task.SHAPES) >= 6
+    assert len(task.COLOUR_NAMES) >= 8
     for i in range(50):
         scene, _ = task.train_scene(1, i)
         assert 3 <= len(scene.objects) <= 9
         cells = [(o.row, o.col) for o in scene.objects]
         assert len(set(cells)) == len(cells)
         image, obj_map = task.render(scene)
-        assert image.shape == (96, 96, 3) and image.dtype == np.uint8
+        assert image.shape == (96, 96, 3)
+        assert image.dtype == np.uint8
         for k, o in enumerate(scene.objects):
             assert (obj_map == k).sum() > 0.25 * o.radius**2, "objects must stay visible"
 
@@ -112,8 +119,13 @@ def test_splits_disjoint(validation: list[task.Example]) -> None:
     """No scene is shared between the train, validation and test splits."""
     test = task.make_split("test", 0, PER_FAMILY)
     train = [task.train_scene(0, i)[0] for i in range(500)]
-    seeds = [{s.texture_seed for s in split} for split in (train, [e.scene for e in validation], [e.scene for e in test])]
-    assert not seeds[0] & seeds[1] and not seeds[0] & seeds[2] and not seeds[1] & seeds[2]
+    seeds = [
+        {s.texture_seed for s in split}
+        for split in (train, [e.scene for e in validation], [e.scene for e in test])
+    ]
+    assert not seeds[0] & seeds[1]
+    assert not seeds[0] & seeds[2]
+    assert not seeds[1] & seeds[2]
 
 
 def test_patch_labels_match_objects() -> None:
@@ -149,6 +161,8 @@ def test_caption_words_in_vocabulary() -> None:
     rng = np.random.default_rng(0)
     for i in range(20):
         scene, qrng = task.train_scene(0, i)
-        texts = [task.caption_variants(scene, rng)] + [q.text for q in task.training_questions(scene, qrng, 5)]
+        texts = [task.caption_variants(scene, rng)] + [
+            q.text for q in task.training_questions(scene, qrng, 5)
+        ]
         for t in texts:
             assert set(re.findall(r"\w+|[^\w\s]", t.lower())) <= vocab, t

@@ -528,7 +528,7 @@ class LlavaNextAdapter(ModelAdapter):
             return None if texts is None else TextTokens(texts=texts)
         with torch.no_grad():
             emb, mask = text_tokens_for_images(
-                self.model.get_input_embeddings(),
+                self._inner.get_input_embeddings(),
                 input_ids,
                 attention_mask,
                 self._config.image_token_id,

@@ -245,7 +245,7 @@ class VideoLlavaAdapter(ModelAdapter):
         text_mask = attention_mask * (input_ids != self._config.video_token_id)
         with torch.no_grad():
             emb, mask = text_tokens_for_images(
-                self.model.get_input_embeddings(),
+                self._inner.get_input_embeddings(),
                 input_ids,
                 text_mask,
                 self._config.image_token_id,

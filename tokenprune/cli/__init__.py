@@ -14,7 +14,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     from tokenprune import __version__
-    from tokenprune.cli import _config, _demo, _list
+    from tokenprune.cli import _config, _demo, _eval, _list, _viz
 
     parser = argparse.ArgumentParser(
         prog="tokenprune",
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load this plugin module too (repeatable)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = [_list, _config, _demo]
+    modules = [_list, _config, _demo, _eval, _viz]
     try:
         from tokenprune.cli import _flops
 

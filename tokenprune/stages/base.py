@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -22,7 +22,16 @@ from tokenprune.types import PrunedTokens, Selection
 if TYPE_CHECKING:
     from tokenprune.adapters.base import ModelAdapter
 
-__all__ = ["Merger", "Role", "Scorer", "Scores", "Selector", "Stage", "StageConfig"]
+__all__ = [
+    "Merger",
+    "Role",
+    "Scorer",
+    "Scores",
+    "Selector",
+    "Stage",
+    "StageConfig",
+    "StageLookup",
+]
 
 Role = Literal["scorer", "selector", "merger"]
 Scores = torch.Tensor | Mapping[str, torch.Tensor]
@@ -41,6 +50,19 @@ class StageConfig(BaseModel):
 
 
 ConfigT = TypeVar("ConfigT", bound=StageConfig)
+StageT = TypeVar("StageT", bound="Stage[Any]")
+
+
+class StageLookup(Protocol):
+    """Resolves a stage class by role and name (a runtime's ``StageRegistry`` is one).
+
+    Handed to :meth:`Stage.from_config` so that a stage composing other stages (the ``combine``
+    scorer) can build them by name without importing the registry.
+    """
+
+    def get(self, role: Role, name: str) -> type[Stage[Any]]:
+        """Return the stage class registered as ``role`` ``name`` (raise if there is none)."""
+        ...
 
 
 class Stage(ABC, Generic[ConfigT]):
@@ -68,6 +90,22 @@ class Stage(ABC, Generic[ConfigT]):
                 f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}"
             )
         self.config: ConfigT = config
+
+    @classmethod
+    def from_config(
+        cls: type[StageT], config: StageConfig, *, stages: StageLookup | None = None
+    ) -> StageT:
+        """Build the stage from its config; :meth:`~tokenprune.Pipeline.from_config` calls this.
+
+        The default is ``cls(config)``. A stage that composes other stages by name overrides it
+        and resolves their names through ``stages`` (the runtime's registry when built by a
+        pipeline, so plugin stages are found too).
+
+        Args:
+            config: The stage's configuration.
+            stages: Where stage names are looked up; ``None`` outside a runtime.
+        """
+        return cls(config)
 
     def required_capabilities(self) -> frozenset[Capability]:
         """Capabilities this stage instance needs; ``requires`` unless the config changes them."""

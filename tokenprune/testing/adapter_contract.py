@@ -50,7 +50,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn
+from typing import Any, ClassVar, Literal, NoReturn, cast
 
 import torch
 from torch import nn
@@ -153,6 +153,11 @@ def _output_tensor(output: Any) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         return logits
     raise TypeError(f"cannot find logits in a {type(output).__name__}")
+
+
+def _generate(model: nn.Module) -> Callable[..., Any]:
+    generate: Callable[..., Any] = cast(Any, model).generate
+    return generate
 
 
 def _setup(case: AdapterCase, seed: int, batch: int = 2) -> tuple[nn.Module, Inputs]:
@@ -356,8 +361,8 @@ def check_generate(
         with _record_sequences(module) as forward_calls:
             logits = _output_tensor(model(**inputs))
         with _record_sequences(module) as calls:
-            first = model.generate(**inputs, **settings)
-        second = model.generate(**inputs, **settings)
+            first = _generate(model)(**inputs, **settings)
+        second = _generate(model)(**inputs, **settings)
     sequences = first if isinstance(first, torch.Tensor) else first.sequences
     again = second if isinstance(second, torch.Tensor) else second.sequences
     length = prompt.shape[1]
@@ -474,7 +479,8 @@ def _probe(config: _ProbeScorerConfig, ctx: PruneContext) -> None:
             if tuple(projected.shape[:2]) != (b, n) or not bool(torch.isfinite(projected).all()):
                 problem = f"projecting {(b, n)} tokens gave {tuple(projected.shape)}"
     if problem is not None:
-        raise AdapterContractError(f"declared capability {cap.value!r} is not delivered: {problem}")
+        name = "none" if cap is None else cap.value
+        raise AdapterContractError(f"declared capability {name!r} is not delivered: {problem}")
 
 
 def _probe_pipeline(config: _ProbeScorerConfig) -> tuple[Pipeline, _ProbeScorer]:
@@ -544,7 +550,7 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     fresh = case.make_model(seed)
     reference = _output_tensor(fresh(**inputs))
     settings = {"max_new_tokens": 3, "do_sample": False}
-    reference_generate = fresh.generate(**inputs, **settings) if case.generative else None
+    reference_generate = _generate(fresh)(**inputs, **settings) if case.generative else None
     adapter = _adapter(case, model)
     original = _snapshot(model)
 
@@ -556,14 +562,14 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
         if output.shape != reference.shape or not torch.equal(output, reference):
             _fail(case, "exact restore", f"{when}, forward differs from a never-pruned model")
         if reference_generate is not None:
-            generated = model.generate(**inputs, **settings)
+            generated = _generate(model)(**inputs, **settings)
             if not torch.equal(generated, reference_generate):
                 _fail(case, "exact restore", f"{when}, generate differs from a never-pruned model")
 
     handle: PruneHandle = adapter.install(_random_pipeline(0.25))
     model(**inputs)
     if case.generative:
-        model.generate(**inputs, **settings)
+        _generate(model)(**inputs, **settings)
     handle.remove()
     handle.remove()  # idempotent
     same_as_never_pruned("after remove()")
@@ -571,7 +577,7 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     pipeline, probe = _probe_pipeline(_ProbeScorerConfig(fail=True))
     calls: list[Callable[[], Any]] = [functools.partial(model, **inputs)]
     if case.generative:
-        calls.append(functools.partial(model.generate, **inputs, **settings))
+        calls.append(functools.partial(_generate(model), **inputs, **settings))
     for call in calls:
         with adapter.install(pipeline) as handle:
             installed = _snapshot(model)

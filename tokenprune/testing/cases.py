@@ -42,7 +42,8 @@ def text_lengths(batch: int) -> list[tuple[int, int]]:
 
 
 def _patches(model: nn.Module) -> int:
-    vc: Any = model.config.vision_config
+    config: Any = model.config
+    vc = config.vision_config
     return int((vc.image_size // vc.patch_size) ** 2)
 
 

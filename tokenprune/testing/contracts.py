@@ -59,25 +59,49 @@ _SEED = 1234
 # -- synthetic context ---------------------------------------------------------------------------
 
 
-def _fill_(
-    tensor: torch.Tensor, generator: torch.Generator, scale: float, shift: float = 0.0
-) -> None:
-    with torch.no_grad():
-        tensor.copy_(torch.randn(tensor.shape, generator=generator) * scale + shift)
-
-
 def _linear(fan_in: int, fan_out: int, generator: torch.Generator) -> nn.Linear:
     layer = nn.Linear(fan_in, fan_out)
-    _fill_(layer.weight, generator, fan_in**-0.5)
-    _fill_(layer.bias, generator, 0.02)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(fan_out, fan_in, generator=generator) * fan_in**-0.5)
+        layer.bias.copy_(torch.randn(fan_out, generator=generator) * 0.02)
     return layer.requires_grad_(False).eval()
 
 
 def _layer_norm(width: int, generator: torch.Generator) -> nn.LayerNorm:
     norm = nn.LayerNorm(width)
-    _fill_(norm.weight, generator, 0.1, shift=1.0)
-    _fill_(norm.bias, generator, 0.1)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.1 * torch.randn(width, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(width, generator=generator))
     return norm.requires_grad_(False).eval()
+
+
+_BlockModules = tuple[nn.LayerNorm, nn.Linear, nn.Linear, nn.Linear, nn.Linear]
+
+
+@functools.lru_cache(maxsize=32)
+def _modules(
+    seed: int, dim: int, llm_dim: int, num_layers: int
+) -> tuple[tuple[_BlockModules, ...], nn.Module]:
+    """Frozen block modules and projector, shared by the contexts with the same sizes and seed.
+
+    Building modules dominates the cost of a context, and the contract builds hundreds.
+    """
+    g = torch.Generator().manual_seed(seed)
+    # Module constructors draw their default init from the global RNG: restore it afterwards.
+    # Every value that stays comes from ``g``.
+    with torch.random.fork_rng(devices=[]):
+        blocks = tuple(
+            (
+                _layer_norm(dim, g),
+                _linear(dim, dim, g),
+                _linear(dim, dim, g),
+                _linear(dim, dim, g),
+                _linear(dim, dim, g),
+            )
+            for _ in range(num_layers)
+        )
+        projector = nn.Sequential(_linear(dim, llm_dim, g), nn.GELU(), _linear(llm_dim, llm_dim, g))
+    return blocks, projector.eval()
 
 
 def _grid(num_tokens: int) -> tuple[int, int]:
@@ -112,8 +136,10 @@ def make_context(
     - prompt text: one question per image, and ``(B, T, llm_dim)`` embeddings whose mask marks
       a different number of real (left-aligned) rows per image.
 
-    Everything is drawn from a private generator seeded with ``seed``: the same arguments give
-    equal tensors, and the global RNG is left untouched.
+    Everything is drawn from private generators seeded with ``seed``: the same arguments give
+    equal tensors, and the global RNG is left untouched. The (frozen) modules are shared by the
+    contexts built with the same ``seed``, ``dim``, ``llm_dim`` and ``num_layers``; like a real
+    model's, stages must never modify them.
 
     Args:
         batch: Number of images ``B``.
@@ -153,56 +179,24 @@ def make_context(
     if dim % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
     llm_dim = 2 * dim if llm_dim is None else llm_dim
-    # Module constructors draw their default init from the global RNG: restore it afterwards.
-    # Every value that stays comes from ``g``, so the context depends on ``seed`` only.
-    with torch.random.fork_rng(devices=[]):
-        return _make_context(
-            batch,
-            num_tokens,
-            dim,
-            keep,
-            generator=torch.Generator().manual_seed(seed),
-            with_cls_block=with_cls_block,
-            text=text,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            text_length=text_length,
-            llm_dim=llm_dim,
-        )
-
-
-def _make_context(
-    batch: int,
-    num_tokens: int,
-    dim: int,
-    keep: int,
-    *,
-    generator: torch.Generator,
-    with_cls_block: bool,
-    text: bool | Sequence[str],
-    num_layers: int,
-    num_heads: int,
-    text_length: int,
-    llm_dim: int,
-) -> PruneContext:
-    g = generator
+    modules, projector = _modules(seed, dim, llm_dim, num_layers)
+    g = torch.Generator().manual_seed(seed)
     prefix = 1 if with_cls_block else 0
 
     blocks: dict[int, VisionBlock] = {}
-    for index in range(num_layers):
+    for index, (layer_norm, q_proj, k_proj, v_proj, out_proj) in enumerate(modules):
         blocks[index] = VisionBlock(
             index=index,
             hidden=torch.randn(batch, prefix + num_tokens, dim, generator=g),
-            layer_norm=_layer_norm(dim, g),
-            q_proj=_linear(dim, dim, g),
-            k_proj=_linear(dim, dim, g),
-            v_proj=_linear(dim, dim, g),
-            out_proj=_linear(dim, dim, g),
+            layer_norm=layer_norm,
+            q_proj=q_proj,
+            k_proj=k_proj,
+            v_proj=v_proj,
+            out_proj=out_proj,
             num_heads=num_heads,
             num_prefix_tokens=prefix,
         )
     features = blocks[num_layers - 1].hidden[:, prefix:]
-    projector = nn.Sequential(_linear(dim, llm_dim, g), nn.GELU(), _linear(llm_dim, llm_dim, g))
 
     capabilities = set(Capability)
     if not with_cls_block:
@@ -228,7 +222,7 @@ def _make_context(
         text=prompt,
         blocks=blocks,
         num_layers=num_layers,
-        projector=projector.requires_grad_(False).eval(),
+        projector=projector,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
@@ -347,9 +348,7 @@ VIDEO_TOKEN_ID = 998
 """Video placeholder id of :func:`tiny_video_llava` (its image id is ``IMAGE_TOKEN_ID``)."""
 
 
-def _tiny_clip_llama(
-    image_size: int, patch_size: int, hidden: int, layers: int
-) -> tuple[object, object]:
+def _tiny_clip_llama(image_size: int, patch_size: int, hidden: int, layers: int) -> tuple[Any, Any]:
     from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
@@ -423,14 +422,14 @@ def tiny_llava_next(
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
+        image_token_index=IMAGE_TOKEN_ID,
         image_seq_length=(image_size // patch_size) ** 2,
         image_grid_pinpoints=grid_pinpoints or [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration._from_config(
+    model: torch.nn.Module = LlavaNextForConditionalGeneration._from_config(
         copy.deepcopy(config), attn_implementation=attn_implementation
     )
     return model.eval()
@@ -457,15 +456,14 @@ def llava_next_tokens_per_image(
     """
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    config = model.config
+    config: Any = model.config
     per_tile = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     sizes = torch.tensor(image_sizes)
     size = config.vision_config.image_size
     tiles = [image_size_to_num_patches(s, config.image_grid_pinpoints, size) for s in sizes]
     dummy = [torch.ones(t, per_tile, 1) for t in tiles]
-    packed, _ = model.model.pack_image_features(
-        dummy, sizes, "default", image_newline=torch.zeros(1)
-    )
+    inner: Any = model.model
+    packed, _ = inner.pack_image_features(dummy, sizes, "default", image_newline=torch.zeros(1))
     return [int(p.sum()) + (int((p == 0).sum()) if newlines else 0) for p in packed]
 
 
@@ -497,12 +495,10 @@ def llava_next_prompts(
     """
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    config = model.config
+    config: Any = model.config
     counts = llava_next_tokens_per_image(model, image_sizes)
     size = config.vision_config.image_size
-    tiles = [
-        image_size_to_num_patches(s, config.image_grid_pinpoints, size) for s in image_sizes
-    ]
+    tiles = [image_size_to_num_patches(s, config.image_grid_pinpoints, size) for s in image_sizes]
     g = torch.Generator().manual_seed(seed)
     rows = []
     for (before, after), n in zip(text_lengths, counts, strict=True):
@@ -563,7 +559,7 @@ def tiny_video_llava(
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration._from_config(
+    model: torch.nn.Module = VideoLlavaForConditionalGeneration._from_config(
         copy.deepcopy(config), attn_implementation=attn_implementation
     )
     return model.eval()
@@ -601,7 +597,7 @@ def video_llava_prompts(
         >>> tuple(batch["input_ids"].shape), tuple(batch["pixel_values_videos"].shape)
         ((2, 90), (2, 4, 3, 32, 32))
     """
-    config = model.config
+    config: Any = model.config
     n = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     images_per_row = images_per_row or [0] * len(text_lengths)
     videos_per_row = videos_per_row or [1] * len(text_lengths)

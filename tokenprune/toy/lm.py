@@ -35,7 +35,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FETCH_COMMAND = "python -m tokenprune.toy.lm"
 DEQUANTISED = "dequantised"
-_GGUF_ONLY_KEYS = ("quantization_config", "_name_or_path", "_commit_hash", "architectures", "model_type")
+_GGUF_ONLY_KEYS = (
+    "quantization_config",
+    "_name_or_path",
+    "_commit_hash",
+    "architectures",
+    "model_type",
+)
 
 
 class LMFileMissingError(FileNotFoundError):
@@ -134,8 +140,12 @@ def load_lm(directory: Path | None = None) -> tuple[PreTrainedModel, PreTrainedT
         return model, tok
     digest = sha256_of(path)
     if digest != GGUF_SHA256:
-        raise RuntimeError(f"{path} has SHA-256 {digest}, want {GGUF_SHA256}; re-run {FETCH_COMMAND}")
-    parsed = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=GGUF_NAME, dtype=torch.float32)
+        raise RuntimeError(
+            f"{path} has SHA-256 {digest}, want {GGUF_SHA256}; re-run {FETCH_COMMAND}"
+        )
+    parsed = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=GGUF_NAME, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=GGUF_NAME)
     cfg = {k: v for k, v in parsed.config.to_dict().items() if k not in _GGUF_ONLY_KEYS}
     model = LlamaForCausalLM(LlamaConfig(**cfg))

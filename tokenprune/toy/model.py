@@ -269,7 +269,11 @@ def assemble_llava(
         or int(k.split(".")[2]) < config.text_config.num_hidden_layers
     }
     model.model.language_model.load_state_dict(keep, strict=True)
-    vision = {k.removeprefix("vision_model."): v for k, v in vision_state.items() if k.startswith("vision_model.")}
+    vision = {
+        k.removeprefix("vision_model."): v
+        for k, v in vision_state.items()
+        if k.startswith("vision_model.")
+    }
     model.model.vision_tower.load_state_dict(vision, strict=True)
     if projector_state is not None:
         model.model.multi_modal_projector.load_state_dict(projector_state, strict=True)

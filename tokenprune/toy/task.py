@@ -549,8 +549,29 @@ def vocabulary() -> list[str]:
     """
     words = set(COLOUR_NAMES) | set(SHAPES) | set(NUMBER_WORDS)
     words |= set(" ".join(RELATIONS).split())
-    words |= set(
-        "what colour is the how many objects there a an describe image . , ? : yes no "
-        "in shows and largest object".split()
-    )
+    words |= {
+        "what",
+        "colour",
+        "is",
+        "the",
+        "how",
+        "many",
+        "objects",
+        "there",
+        "a",
+        "an",
+        "describe",
+        "image",
+        ".",
+        ",",
+        "?",
+        ":",
+        "yes",
+        "no",
+        "in",
+        "shows",
+        "and",
+        "largest",
+        "object",
+    }
     return sorted(words)

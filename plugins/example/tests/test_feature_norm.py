@@ -8,7 +8,7 @@ import torch
 import tokenprune
 from tokenprune import PruneContext, Runtime, ShapeError, VisualTokens
 from tokenprune.plugin import hookimpl
-from tokenprune.testing import llava_prompts, tiny_llava
+from tokenprune.testing import check_stage, llava_prompts, tiny_llava
 from tokenprune_example import FeatureNormScorer, FeatureNormScorerConfig, feature_norm_scores
 from tokenprune_example import plugin as example_plugin
 
@@ -47,6 +47,11 @@ def test_rejects_bad_input(features: torch.Tensor, match: str) -> None:
 
 
 # -- the stage ----------------------------------------------------------------------------------
+def test_stage_contract() -> None:
+    """The suite every tokenprune stage passes: shapes, batches, determinism, errors."""
+    check_stage(FeatureNormScorer)
+
+
 def test_stage_is_a_thin_shell() -> None:
     x = torch.randn(2, 6, 4)
     ctx = PruneContext(visual=VisualTokens(x), keep=3)

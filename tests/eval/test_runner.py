@@ -1,0 +1,262 @@
+"""End-to-end tests of the evaluation runner on ``tiny_llava`` with a tiny synthetic task."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tokenprune.errors import BudgetError, ConfigError
+from tokenprune.eval import models as eval_models
+from tokenprune.eval.models import ModelAssetsMissingError, load_eval_model
+from tokenprune.eval.parallel import RESULTS_FILE, shard_path
+from tokenprune.eval.report import summarize
+from tokenprune.eval.runner import (
+    RUNS_FILE,
+    Budget,
+    EvalSpec,
+    PipelineSpec,
+    load_pipeline_spec,
+    parse_budgets,
+    rebudget,
+    run_eval,
+)
+from tokenprune.plugin import Runtime
+
+HERE = Path(__file__).parent
+RANDOM = {"scorer": {"name": "random"}, "selector": {"name": "topk"}, "keep": 4}
+CLS = {"scorer": {"name": "cls_attention"}, "selector": {"name": "topk"}, "keep": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModuleType:
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module("_tiny")
+
+
+@pytest.fixture(scope="module")
+def model(tiny: ModuleType) -> Any:
+    return tiny.tiny_model()
+
+
+@pytest.fixture(scope="module")
+def spec(tiny: ModuleType) -> EvalSpec:
+    return EvalSpec(
+        task=tiny.tiny_task(),
+        pipelines=[PipelineSpec("random", RANDOM), PipelineSpec("cls", CLS)],
+        budgets=parse_budgets("0.5,4"),
+        batch_size=4,
+        max_new_tokens=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(model: Any, spec: EvalSpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete run (6 samples x (unpruned + 2 pipelines x 2 budgets))."""
+    out = tmp_path_factory.mktemp("finished")
+    model.calls.clear()
+    run_eval(model, spec, out, progress=False)
+    return out
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_end_to_end_writes_results_summary_and_plot(finished: Path, model: Any) -> None:
+    records = _lines(finished / RESULTS_FILE)
+    assert len(records) == 6 * (1 + 2 * 2)
+    keys = [(r["pipeline"], r["budget"], r["sample_id"]) for r in records]
+    assert len(set(keys)) == len(keys)
+    expected_fields = {
+        "pipeline", "budget", "sample_id", "index", "family", "question", "answer",
+        "prediction", "correct", "kept_tokens", "total_tokens",
+    }  # fmt: skip
+    assert all(set(r) == expected_fields for r in records)
+    by_key = {(r["pipeline"], r["budget"]): r for r in records}
+    assert by_key[("random", "0.5")]["kept_tokens"] == [8]
+    assert by_key[("cls", "4")]["kept_tokens"] == [4]
+    assert by_key[("cls", "4")]["total_tokens"] == [16]
+    assert by_key[("unpruned", "full")]["kept_tokens"] is None
+    assert not (finished / "shards").exists()
+
+    md = (finished / "summary.md").read_text()
+    assert "| pipeline | budget | visual tokens | colour | bright | overall | retention |" in md
+    csv_lines = (finished / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("pipeline,budget,visual tokens,colour,bright,overall,retention")
+    assert len(csv_lines) == 1 + 5
+    with Image.open(finished / "accuracy.png") as png:
+        assert png.format == "PNG" and png.size == (640, 420)
+
+    (run,) = _lines(finished / RUNS_FILE)
+    assert run["task"] == "tiny" and run["seed"] == 0 and run["model"] == "tiny_llava"
+    assert run["pipelines"]["random"]["0.5"]["keep_ratio"] == 0.5
+    assert "keep" not in run["pipelines"]["random"]["0.5"]
+    assert run["pipelines"]["cls"]["4"]["scorer"] == {"name": "cls_attention", "layer": -2}
+    assert run["pipelines"]["unpruned"] == {"full": None}
+    assert {"tokenprune", "torch", "transformers"} <= set(run["versions"])
+    assert "builtin" in {p["name"] for p in run["plugins"]}
+    assert run["new_records"] == 30 and run["num_processes"] == 1
+
+
+def test_batches_and_text_queries(finished: Path, model: Any) -> None:
+    # unpruned: 2 batches (4 + 2 samples); then 2 pipelines x 2 budgets x 2 batches.
+    assert len(model.calls) == 10
+    plain = [c for c in model.calls if "tokenprune_query" not in c]
+    assert len(plain) == 2
+    for call in model.calls:
+        if "tokenprune_query" in call:
+            assert call["tokenprune_query"] == call["questions"]
+
+
+def test_resume_skips_finished_keys(finished: Path, model: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    original = (out / RESULTS_FILE).read_text()
+    model.calls.clear()
+    run_eval(model, _spec_of(finished, model), out, progress=False)
+    assert model.calls == []
+    assert (out / RESULTS_FILE).read_text() == original
+    assert len(_lines(out / RUNS_FILE)) == 2
+
+    # Drop three records: random@4 of one sample and cls@0.5 of two samples.
+    records = _lines(out / RESULTS_FILE)
+    drop = {("random", "4", "test-colour-0"), ("cls", "0.5", "test-bright-1"),
+            ("cls", "0.5", "test-bright-2")}  # fmt: skip
+    kept = [r for r in records if (r["pipeline"], r["budget"], r["sample_id"]) not in drop]
+    (out / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    model.calls.clear()
+    run_eval(model, _spec_of(finished, model), out, progress=False)
+    assert [len(c["questions"]) for c in model.calls] == [1, 2]
+    again = _lines(out / RESULTS_FILE)
+    assert len(again) == len(records)
+    assert {(r["pipeline"], r["budget"], r["sample_id"]) for r in again} == {
+        (r["pipeline"], r["budget"], r["sample_id"]) for r in records
+    }
+    assert _lines(out / RUNS_FILE)[-1]["new_records"] == 3
+
+
+def test_resume_reads_interrupted_shards(finished: Path, model: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    records = _lines(out / RESULTS_FILE)
+    victim = next(r for r in records if r["pipeline"] == "random" and r["budget"] == "4")
+    rest = [r for r in records if r is not victim]
+    (out / RESULTS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rest))
+    shard = shard_path(out, 0, 1)
+    shard.parent.mkdir()
+    shard.write_text(json.dumps(victim) + '\n{"pipeline": "random", "budg')  # cut short
+    model.calls.clear()
+    run_eval(model, _spec_of(finished, model), out, progress=False)
+    assert model.calls == []
+    assert len(_lines(out / RESULTS_FILE)) == len(records)
+    assert not shard.parent.exists()
+
+
+def _spec_of(finished: Path, model: Any) -> EvalSpec:
+    tiny = importlib.import_module("_tiny")
+    return EvalSpec(
+        task=tiny.tiny_task(),
+        pipelines=[PipelineSpec("random", RANDOM), PipelineSpec("cls", CLS)],
+        budgets=parse_budgets("0.5,4"),
+        batch_size=4,
+        max_new_tokens=2,
+    )
+
+
+def test_retention_is_relative_to_unpruned_on_the_same_samples(finished: Path) -> None:
+    records = _lines(finished / RESULTS_FILE)
+    grid = [("unpruned", "full"), ("random", "0.5"), ("random", "4"), ("cls", "0.5"), ("cls", "4")]
+    summary = summarize(records, grid, families=["colour", "bright"])
+    base = [r["correct"] for r in records if r["pipeline"] == "unpruned"]
+    base_acc = sum(base) / len(base)
+    for row in summary.rows:
+        own = [r["correct"] for r in records if (r["pipeline"], r["budget"]) == (row.pipeline, row.budget)]
+        assert row.accuracy == pytest.approx(sum(own) / len(own))
+        if base_acc:
+            assert row.retention == pytest.approx(row.accuracy / base_acc)
+    # Only the samples the baseline also answered count for retention.
+    subset = [r for r in records if r["pipeline"] != "unpruned" or r["sample_id"] != "test-colour-0"]
+    sub = summarize(subset, grid)
+    cls = next(r for r in sub.rows if (r.pipeline, r.budget) == ("cls", "4"))
+    same = [r for r in records if r["sample_id"] != "test-colour-0"]
+    b = [r["correct"] for r in same if r["pipeline"] == "unpruned"]
+    c = [r["correct"] for r in same if (r["pipeline"], r["budget"]) == ("cls", "4")]
+    expected = (sum(c) / len(c)) / (sum(b) / len(b)) if sum(b) else None
+    assert cls.retention == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_summary_without_baseline_hits_has_no_retention() -> None:
+    recs = [
+        {"pipeline": "unpruned", "budget": "full", "sample_id": "a", "family": "f",
+         "correct": False, "kept_tokens": None, "total_tokens": None},
+        {"pipeline": "p", "budget": "1", "sample_id": "a", "family": "f",
+         "correct": True, "kept_tokens": [1], "total_tokens": [4]},
+    ]  # fmt: skip
+    s = summarize(recs, [("unpruned", "full"), ("p", "1")])
+    assert [r.retention for r in s.rows] == [None, None]
+    assert "| -" in s.to_markdown()
+    assert s.rows[0].kept_tokens == 4.0
+
+
+def test_budgets_and_pipeline_specs(tmp_path: Path) -> None:
+    assert Budget.parse("1.0") == Budget("1.0", keep_ratio=1.0)
+    assert Budget.parse("64") == Budget("64", keep=64)
+    for bad in ("0", "1.5", "-3", "abc", "0.0"):
+        with pytest.raises(BudgetError):
+            Budget.parse(bad)
+    with pytest.raises(BudgetError, match="duplicate"):
+        parse_budgets("0.5,0.5")
+    rt = Runtime(autoload=False)
+    assert rebudget(RANDOM, Budget.parse("2"), rt)["keep"] == 2
+    (tmp_path / "unpruned.yaml").write_text("scorer: {name: random}\nselector: {name: topk}\nkeep: 2\n")
+    with pytest.raises(ConfigError, match="reserved"):
+        load_pipeline_spec(tmp_path / "unpruned.yaml", rt)
+    (tmp_path / "mine.yaml").write_text("scorer: {name: random}\nselector: {name: topk}\nkeep: 2\n")
+    assert load_pipeline_spec(tmp_path / "mine.yaml", rt).name == "mine"
+    assert load_pipeline_spec("unpruned", rt).is_baseline
+    with pytest.raises(ConfigError, match="unique"):
+        EvalSpec(task=None, pipelines=[PipelineSpec("a", RANDOM)] * 2, budgets=[])  # type: ignore[arg-type]
+
+
+def test_default_model_missing_assets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenprune.toy.model as toy_model
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("toy model asset vlm/config.json is missing; run the training")
+
+    monkeypatch.setattr(toy_model, "load_default_model", missing)
+    with pytest.raises(ModelAssetsMissingError, match="run the training"):
+        load_eval_model("default")
+    with pytest.raises(eval_models.EvalModelError, match="cannot import model factory"):
+        load_eval_model("no_such_module_xyz:factory")
+
+
+def test_cli_eval(tiny: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenprune.cli import main
+    from tokenprune.cli._eval import DEFAULT_BUDGETS
+    from tokenprune.eval.runner import DEFAULT_BUDGETS as RUNNER_DEFAULT
+
+    assert DEFAULT_BUDGETS == RUNNER_DEFAULT
+    cfg = tmp_path / "rnd.yaml"
+    cfg.write_text("scorer: {name: random}\nselector: {name: topk}\nkeep: 8\n")
+    out = tmp_path / "out"
+    argv = [
+        "eval", "--model", "_tiny:tiny_model", "--task", "_tiny:tiny_task", "--pipeline",
+        str(cfg), "--budgets", "4", "--limit", "1", "--batch-size", "2", "--max-new-tokens", "1",
+        "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| rnd      | 4      | 4" in printed
+    assert len(_lines(out / RESULTS_FILE)) == 2 * 2
+    assert main([*argv[:3], "--task", "nope", *argv[5:]]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
