@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.tokenprune-installed
-PYTEST_WORKERS ?=
+PYTEST_WORKERS ?= 2
 
 .PHONY: help install demo test test-slow lint typecheck docs docs-serve clean
 
@@ -38,7 +38,7 @@ docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 test: lint typecheck
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow" -q -n $(PYTEST_WORKERS)
 	$(BIN)/mkdocs build --strict --site-dir site
 
 test-slow: $(STAMP)

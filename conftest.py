@@ -2,5 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Test models are tiny: one intra-op thread per process is faster than two competing ones and
+# leaves the second core to pytest-xdist's second worker. Set before torch starts its pool.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 # `python -m tokenprune` runs the CLI when imported; doctest collection must not import it.
 collect_ignore = ["tokenprune/__main__.py"]

@@ -33,6 +33,18 @@ def config(keep: int, positions: Positions = "contiguous", **scorer: Any) -> dic
     }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads cost more in synchronisation than they save.
+
+    On a busy 2-core machine this makes the module about 3x faster; the setting is restored.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runtime() -> Runtime:
     return Runtime(autoload=False)
@@ -81,10 +93,12 @@ class LMInputs:
         self.handle.remove()
 
 
-def expected_length(batch: dict[str, torch.Tensor], images_per_row: list[int], keep: int) -> int:
-    """Length of the re-padded batch: the longest row after dropping ``N - K`` per image."""
+def expected_length(
+    batch: dict[str, torch.Tensor], images_per_row: list[int], keep: int, n: int = N
+) -> int:
+    """Length of the re-padded batch: the longest row after dropping ``n - keep`` per image."""
     real = batch["attention_mask"].sum(-1)
-    return max(int(r) - n * (N - keep) for r, n in zip(real, images_per_row, strict=True))
+    return max(int(r) - i * (n - keep) for r, i in zip(real, images_per_row, strict=True))
 
 
 def assert_close_on(mask: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -229,16 +243,12 @@ def test_acceptance_llava15_576_tokens_keep_64_generate(
     assert len(recorder.calls) == 3
     assert all(pruned.keep_idx.shape == (2, keep) for _, pruned in recorder.calls)
     prefill, *steps = lm.calls
-    assert prefill["inputs_embeds"].shape[1] == expected_length_576(batch, n, keep)
+    assert prefill["inputs_embeds"].shape[1] == expected_length(batch, [1, 1], keep, n)
     assert len(steps) == new - 1
     assert all(step["inputs_embeds"].shape[1] == 1 for step in steps)
     # Removed: exactly the never-pruned model again, greedy and sampled.
     assert torch.equal(after[False], truth[False])
     assert torch.equal(after[True], truth[True])
-
-
-def expected_length_576(batch: dict[str, torch.Tensor], n: int, keep: int) -> int:
-    return int((batch["attention_mask"].sum(-1) - (n - keep)).max())
 
 
 # -- pruning runs once per call -----------------------------------------------------------------
@@ -355,17 +365,17 @@ def warmed_snapshot(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[st
 
 
 def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Every hook dict of every submodule, and the model's instance attributes."""
-    hooks = {
+    """Every hook dict and the instance attribute names of every submodule (the model too)."""
+    return {
         name: (
             dict(m._forward_pre_hooks),
             dict(m._forward_hooks),
             dict(m._forward_pre_hooks_with_kwargs),
             dict(m._forward_hooks_with_kwargs),
+            sorted(m.__dict__),
         )
         for name, m in model.named_modules()
     }
-    return {"hooks": hooks, "dict": sorted(model.__dict__)}
 
 
 def test_remove_restores_exactly(model: nn.Module, reference: nn.Module, runtime: Runtime) -> None:

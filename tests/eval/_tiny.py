@@ -44,7 +44,9 @@ class TinyTask(Task):
                     question, answer = f"Is the image {asked}?", "yes" if asked == colour else "no"
                 else:
                     question, answer = "Is it bright?", "yes" if i % 2 else "no"
-                out.append(Sample(f"{split}-{family}-{i}", len(out), family, image, question, answer))
+                out.append(
+                    Sample(f"{split}-{family}-{i}", len(out), family, image, question, answer)
+                )
         return limit_per_family(out, limit if limit is not None else self.default_limit)
 
 
@@ -88,9 +90,7 @@ class CountingModel(ProcessorEvalModel):
         **generate_kwargs: Any,
     ) -> list[str]:
         self.calls.append({"questions": list(questions), **generate_kwargs})
-        return super().generate(
-            images, questions, max_new_tokens=max_new_tokens, **generate_kwargs
-        )
+        return super().generate(images, questions, max_new_tokens=max_new_tokens, **generate_kwargs)
 
 
 def tiny_model(device: str | torch.device = "cpu") -> CountingModel:

@@ -94,17 +94,21 @@ def test_end_to_end_writes_results_summary_and_plot(finished: Path, model: Any) 
     assert csv_lines[0].startswith("pipeline,budget,visual tokens,colour,bright,overall,retention")
     assert len(csv_lines) == 1 + 5
     with Image.open(finished / "accuracy.png") as png:
-        assert png.format == "PNG" and png.size == (640, 420)
+        assert png.format == "PNG"
+        assert png.size == (640, 420)
 
     (run,) = _lines(finished / RUNS_FILE)
-    assert run["task"] == "tiny" and run["seed"] == 0 and run["model"] == "tiny_llava"
+    assert run["task"] == "tiny"
+    assert run["seed"] == 0
+    assert run["model"] == "tiny_llava"
     assert run["pipelines"]["random"]["0.5"]["keep_ratio"] == 0.5
     assert "keep" not in run["pipelines"]["random"]["0.5"]
     assert run["pipelines"]["cls"]["4"]["scorer"] == {"name": "cls_attention", "layer": -2}
     assert run["pipelines"]["unpruned"] == {"full": None}
     assert {"tokenprune", "torch", "transformers"} <= set(run["versions"])
     assert "builtin" in {p["name"] for p in run["plugins"]}
-    assert run["new_records"] == 30 and run["num_processes"] == 1
+    assert run["new_records"] == 30
+    assert run["num_processes"] == 1
 
 
 def test_batches_and_text_queries(finished: Path, model: Any) -> None:
@@ -179,12 +183,18 @@ def test_retention_is_relative_to_unpruned_on_the_same_samples(finished: Path) -
     base = [r["correct"] for r in records if r["pipeline"] == "unpruned"]
     base_acc = sum(base) / len(base)
     for row in summary.rows:
-        own = [r["correct"] for r in records if (r["pipeline"], r["budget"]) == (row.pipeline, row.budget)]
+        own = [
+            r["correct"]
+            for r in records
+            if (r["pipeline"], r["budget"]) == (row.pipeline, row.budget)
+        ]
         assert row.accuracy == pytest.approx(sum(own) / len(own))
         if base_acc:
             assert row.retention == pytest.approx(row.accuracy / base_acc)
     # Only the samples the baseline also answered count for retention.
-    subset = [r for r in records if r["pipeline"] != "unpruned" or r["sample_id"] != "test-colour-0"]
+    subset = [
+        r for r in records if r["pipeline"] != "unpruned" or r["sample_id"] != "test-colour-0"
+    ]
     sub = summarize(subset, grid)
     cls = next(r for r in sub.rows if (r.pipeline, r.budget) == ("cls", "4"))
     same = [r for r in records if r["sample_id"] != "test-colour-0"]
@@ -217,7 +227,9 @@ def test_budgets_and_pipeline_specs(tmp_path: Path) -> None:
         parse_budgets("0.5,0.5")
     rt = Runtime(autoload=False)
     assert rebudget(RANDOM, Budget.parse("2"), rt)["keep"] == 2
-    (tmp_path / "unpruned.yaml").write_text("scorer: {name: random}\nselector: {name: topk}\nkeep: 2\n")
+    (tmp_path / "unpruned.yaml").write_text(
+        "scorer: {name: random}\nselector: {name: topk}\nkeep: 2\n"
+    )
     with pytest.raises(ConfigError, match="reserved"):
         load_pipeline_spec(tmp_path / "unpruned.yaml", rt)
     (tmp_path / "mine.yaml").write_text("scorer: {name: random}\nselector: {name: topk}\nkeep: 2\n")

@@ -65,9 +65,7 @@ def test_cls_attention_without_prefix_is_a_distribution(clip_eager: tuple[Any, A
         )
     assert full.shape == (2, 17)
     torch.testing.assert_close(full.sum(-1), torch.ones(2), atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        full, out.attentions[0][:, :, 0, :].mean(dim=1), atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(full, out.attentions[0][:, :, 0, :].mean(dim=1), atol=1e-6, rtol=0)
 
 
 def test_cls_attention_runs_in_float32_for_low_precision_inputs() -> None:

@@ -95,7 +95,7 @@ class CrashingTextScorer(GoodScorer):
     requires: ClassVar[frozenset[Capability]] = frozenset({Capability.TEXT_QUERY})
 
     def score(self, ctx: PruneContext) -> Scores:
-        assert ctx.text is not None  # noqa: PT018 - stands for a careless stage
+        assert ctx.text is not None
         lengths = torch.tensor([float(len(t)) for t in ctx.text.texts])  # type: ignore[union-attr]
         return lengths[:, None].expand(-1, ctx.visual.num_tokens).clone()
 

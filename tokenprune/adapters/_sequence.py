@@ -107,8 +107,8 @@ def shrink_inputs(
     """Drop the placeholders of pruned tokens and rebuild masks, labels and positions.
 
     Each image keeps the first ``K_i`` placeholders of its span (the features fill them in
-    order). Rows that lose different numbers of tokens are re-padded on the side the batch was
-    padded on (left if no row is padded).
+    order). The old edge padding is dropped and the rows are re-padded to the longest remaining
+    row, on the side the batch was padded on (left if no row is padded).
 
     Position ids: the unpruned positions are ``position_ids`` if given, else what the model
     would derive (``arange``: ``past_length + 0..L-1``, as a forward pass does; ``cumsum``: from

@@ -17,10 +17,12 @@ Policy:
   original position and the text after an image keeps its original position too. They are
   passed explicitly (``(3, B, L')`` to ``forward``, ``(4, B, L')`` with the text-position row to
   ``generate``, which continues each row with ``last + 1``); ``model.model.rope_deltas`` is set
-  to the pruned layout's deltas, as the model would after a prefill. Only
-  ``positions="original"`` is accepted: mRoPE positions encode the 2-D layout, and Qwen already
-  advances text positions by ``max(h, w)`` per image whatever its token count, so there are no
-  1-D gaps to close; ``contiguous`` raises :class:`~tokenprune.errors.AdapterError` at install.
+  to the pruned layout's deltas, as the model would after a prefill. mRoPE positions encode the
+  2-D layout, so kept image tokens are never renumbered among themselves; the policies differ
+  only after an image. ``original`` keeps every position (the text after an image still starts
+  at the image's start + ``max(h, w)/2``); ``contiguous`` closes the gap a pruned image can
+  leave at its end: later tokens move down so the token after the image follows the largest
+  position its kept tokens use. Both equal the unpruned model when every token is kept.
 - **No [CLS]:** the tower has no class token, so ``cls_attention`` is not offered; the
   saliency substitute is ``received_attention``: the attention each token receives, averaged
   over heads and over the queries of its attention segment, recomputed from the captured block
@@ -46,7 +48,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenprune.adapters._sequence import _pads_left, find_image_spans, shrink_inputs
+from tokenprune.adapters._sequence import ImageSpan, _pads_left, find_image_spans, shrink_inputs
 from tokenprune.adapters._vision import text_tokens_for_images
 from tokenprune.adapters.base import QUERY_KWARG, CallMode, ModelAdapter
 from tokenprune.adapters.llava import normalize_queries
@@ -126,12 +128,6 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801 - named after the model cla
 
     def validate(self, pipeline: Pipeline) -> None:
         super().validate(pipeline)
-        if pipeline.positions != "original":
-            raise AdapterError(
-                f"positions={pipeline.positions!r} is not supported for Qwen2.5-VL: its mRoPE "
-                "positions encode each image's 2-D layout, so kept tokens always keep their "
-                "original (t, h, w) positions; set positions='original' in the pipeline config"
-            )
         depth = len(self._inner.visual.blocks)
         for layer in pipeline.vision_layers():
             if not -depth <= layer < depth:
@@ -204,6 +200,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801 - named after the model cla
         assert shrunk.position_ids is not None  # always returned under "original"
         mask = shrunk.attention_mask
         positions = shrunk.position_ids  # (3, B, L')
+        if pipeline.positions == "contiguous":
+            positions = _close_gaps(positions, mask, spans, keep_idx, shrunk.kept_columns)
         valid = mask.bool()
         last = positions.masked_fill(~valid.unsqueeze(0), 0).amax(dim=(0, 2))
         self._inner.rope_deltas = (last + 1 - valid.sum(-1)).unsqueeze(1)
@@ -441,6 +439,39 @@ def _select_text(text: TextTokens | None, images: Sequence[int]) -> TextTokens |
         return TextTokens(texts=texts)
     index = torch.tensor(list(images), device=text.embeddings.device)
     return TextTokens(texts=texts, embeddings=text.embeddings[index], mask=text.mask[index])
+
+
+def _close_gaps(
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor,
+    spans: Sequence[ImageSpan],
+    keep_idx: Sequence[torch.Tensor],
+    kept_columns: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """The ``contiguous`` policy: close the position gap each pruned image leaves at its end.
+
+    Kept image tokens keep their (t, h, w) positions relative to the image; every later token of
+    the row moves down so that the token after the image follows the largest position the kept
+    tokens use. With every token kept there is no gap and nothing moves.
+
+    Shape:
+        - positions: :math:`(3, B, L')`; attention_mask: :math:`(B, L')`
+    """
+    out = positions.clone()
+    length = out.shape[-1]
+    left = _pads_left(attention_mask)
+    for span, idx in zip(spans, keep_idx, strict=True):
+        cols = kept_columns[span.row]
+        offset = length - int(cols.numel()) if left else 0
+        first = offset + int(torch.searchsorted(cols, span.start))
+        after = first + int(idx.numel())  # column of the token after the kept image tokens
+        if after >= offset + int(cols.numel()) or not bool(attention_mask[span.row, after]):
+            continue
+        row = out[:, span.row]
+        gap = int(row[:, after].min()) - (int(row[:, first:after].max()) + 1)
+        if gap > 0:
+            row[:, after:] -= gap * attention_mask[span.row, after:].to(row.dtype)
+    return out
 
 
 def _shrink_like(

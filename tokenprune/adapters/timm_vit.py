@@ -248,7 +248,7 @@ def _qkv_part(attn: Any, part: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _out_proj(attn: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """timm's output path after the attention: optional scale norm, then ``proj``.
+    """The output path after timm's attention: optional scale norm, then ``proj``.
 
     The optional output gate of gated attention depends on the block input, not on the
     attention context, and is left out.

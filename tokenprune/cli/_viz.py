@@ -23,9 +23,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--task", default="shapes", help="task (shapes)")
     parser.add_argument("--split", default="test", help="task split (test)")
     parser.add_argument("--seed", type=int, default=0, help="task seed (0)")
-    parser.add_argument(
-        "--sample", default="0", help="sample id, or its position in the split (0)"
-    )
+    parser.add_argument("--sample", default="0", help="sample id, or its position in the split (0)")
     parser.add_argument(
         "--pipeline",
         action="append",

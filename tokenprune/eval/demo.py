@@ -127,13 +127,17 @@ def run_demo(
     echo(summary.to_markdown())
 
     sample = task.samples("test", 0, 1)[-1]  # a "describe the image" question
-    captured = capture_pruning(model, sample, pipelines, budget, plugins=plugins, with_assignment=True)
+    captured = capture_pruning(
+        model, sample, pipelines, budget, plugins=plugins, with_assignment=True
+    )
     grid = next((r.grid for r in captured.values() if r.grid is not None), None)
     if grid is not None:
         panels = [Panel(sample.question)]
         for spec_ in pipelines:
             rec = captured[spec_.name]
-            merged = spec_.config is not None and spec_.config.get("merger", {}).get("name") not in (
+            merged = spec_.config is not None and spec_.config.get("merger", {}).get(
+                "name"
+            ) not in (
                 None,
                 "drop",
             )

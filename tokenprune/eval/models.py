@@ -49,7 +49,7 @@ Decode = Callable[[torch.Tensor], list[str]]
 
 
 class EvalModelError(TokenPruneError):
-    """A model for evaluation cannot be loaded or does not follow the :class:`EvalModel` protocol."""
+    """A model cannot be loaded for evaluation or does not implement :class:`EvalModel`."""
 
 
 class ModelAssetsMissingError(EvalModelError, FileNotFoundError):

@@ -94,9 +94,7 @@ def current_process() -> ProcessInfo:
     )
 
 
-def assign_batches(
-    items: Sequence[T], batch_size: int, index: int, count: int
-) -> list[list[T]]:
+def assign_batches(items: Sequence[T], batch_size: int, index: int, count: int) -> list[list[T]]:
     """Cut ``items`` into batches in order and return the batches of process ``index``.
 
     Examples:

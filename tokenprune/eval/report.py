@@ -185,7 +185,9 @@ def summarize(
             groups[key].append(rec)
             if rec["family"] not in fams:
                 fams.append(str(rec["family"]))
-    baseline = {str(r["sample_id"]): bool(r["correct"]) for r in groups.get((BASELINE, FULL_BUDGET), [])}
+    baseline = {
+        str(r["sample_id"]): bool(r["correct"]) for r in groups.get((BASELINE, FULL_BUDGET), [])
+    }
     # Tokens of the unpruned model: the full counts seen by any pruned run.
     full_tokens = _mean(
         float(sum(r["total_tokens"]))
@@ -210,9 +212,7 @@ def summarize(
             kept = full_tokens
         else:
             kept = _mean(float(sum(r["kept_tokens"])) for r in recs if r.get("kept_tokens"))
-        rows.append(
-            SummaryRow(pipeline, budget, len(recs), kept, fam_acc, accuracy, retention)
-        )
+        rows.append(SummaryRow(pipeline, budget, len(recs), kept, fam_acc, accuracy, retention))
     return Summary(tuple(fams), rows)
 
 

@@ -18,7 +18,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -321,9 +321,7 @@ class PruneRecorder:
 
     def counts_per_image(self) -> list[tuple[int, int]]:
         """``(kept, total)`` per image, over all recorded calls in call order."""
-        return [
-            (int(r.keep_idx.shape[1]), r.num_tokens) for r in self.records for _ in r.keep_idx
-        ]
+        return [(int(r.keep_idx.shape[1]), r.num_tokens) for r in self.records for _ in r.keep_idx]
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -386,6 +384,7 @@ def run_shard(
     process: ProcessInfo | None = None,
     plugins: Iterable[str | object] = (),
     progress: bool = True,
+    finished: Collection[tuple[str, str, str]] | None = None,
 ) -> int:
     """Evaluate this process's share of the unfinished grid; append it to its shard file.
 
@@ -399,6 +398,8 @@ def run_shard(
         process: This process's rank (single process if omitted).
         plugins: Plugins for the runtime the pipelines are built with.
         progress: Show a progress bar (main process only).
+        finished: Keys ``(pipeline, budget, sample_id)`` to treat as done, instead of reading
+            them from ``out_dir`` (every process must use the same set).
 
     Returns:
         The number of records this process wrote.
@@ -411,11 +412,11 @@ def run_shard(
     runtime = _runtime(plugins, recorder)
     jobs = plan_jobs(spec, runtime)
     samples = spec.task.samples(spec.split, spec.seed, spec.limit)
-    finished = set(read_records(out_dir))
+    done = set(read_records(out_dir)) if finished is None else set(finished)
     process.barrier()
     work = []
     for job in jobs:
-        pending = [s for s in samples if (job.pipeline, job.budget, s.id) not in finished]
+        pending = [s for s in samples if (job.pipeline, job.budget, s.id) not in done]
         batches = assign_batches(pending, spec.batch_size, process.index, process.count)
         if batches:
             work.append((job, batches))
@@ -604,7 +605,10 @@ def capture_pruning(
         recorder.clear()
         with apply(model.module, runtime.build_pipeline(config), runtime=runtime):
             model.generate(
-                [sample.image], [sample.question], max_new_tokens=1, tokenprune_query=[sample.question]
+                [sample.image],
+                [sample.question],
+                max_new_tokens=1,
+                tokenprune_query=[sample.question],
             )
         if not recorder.records:
             raise RuntimeError(f"pipeline {spec.name!r} did not prune anything on this model")

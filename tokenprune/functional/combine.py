@@ -31,8 +31,9 @@ def normalize_scores(scores: torch.Tensor, method: Normalization = "rank") -> to
       standard deviation;
     - ``minmax``: :math:`\hat s_i = (s_i - \min_j s_j) / (\max_j s_j - \min_j s_j)`.
 
-    A constant row (or ``N = 1``) carries no ranking and becomes all zeros. The result is
-    float32 (float64 for float64 input).
+    A constant row (or ``N = 1``) carries no ranking: ``rank`` makes it all 0.5 (every token
+    ties for the middle), ``zscore`` and ``minmax`` all 0. The result is float32 (float64 for
+    float64 input).
 
     Args:
         scores: Scores, higher is better.
@@ -61,7 +62,7 @@ def normalize_scores(scores: torch.Tensor, method: Normalization = "rank") -> to
     n = s.shape[1]
     if method == "rank":
         if n < 2:
-            return torch.zeros_like(s)
+            return torch.full_like(s, 0.5)
         ordered = s.sort(dim=1).values
         below = torch.searchsorted(ordered, s, right=False)
         upto = torch.searchsorted(ordered, s, right=True)

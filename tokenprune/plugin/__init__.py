@@ -10,8 +10,11 @@ from tokenprune.plugin.manager import (
     Runtime,
 )
 from tokenprune.plugin.spec import hookimpl, hookspec
+from tokenprune.registry import AdapterRegistry, StageRegistry
 
 __all__ = [
+    "AdapterRegistry",
+    "StageRegistry",
     "ENV_DISABLED_PLUGINS",
     "ENV_DISABLE_AUTOLOAD",
     "PluginInfo",

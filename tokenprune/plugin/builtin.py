@@ -21,10 +21,21 @@ BUILTIN_PLUGINS: dict[str, str] = {"builtin": "tokenprune.plugin.builtin"}
 @hookimpl
 def tokenprune_register_stages(registry: StageRegistry) -> None:
     from tokenprune.stages.mergers.drop import DropMerger
+    from tokenprune.stages.mergers.pool import PoolMerger
+    from tokenprune.stages.mergers.prumerge import PruMergeMerger
+    from tokenprune.stages.mergers.tome import ToMeMerger
+    from tokenprune.stages.mergers.visionzip import VisionZipMerger
     from tokenprune.stages.scorers.cls_attention import ClsAttentionScorer
+    from tokenprune.stages.scorers.combine import CombineScorer
     from tokenprune.stages.scorers.random import RandomScorer
     from tokenprune.stages.scorers.received_attention import ReceivedAttentionScorer
+    from tokenprune.stages.scorers.uniform import UniformScorer
+    from tokenprune.stages.selectors.divprune import DivPruneSelector
+    from tokenprune.stages.selectors.pool import PoolSelector
+    from tokenprune.stages.selectors.prumerge import PruMergeSelector
+    from tokenprune.stages.selectors.tome import ToMeSelector
     from tokenprune.stages.selectors.topk import TopKSelector
+    from tokenprune.stages.selectors.visionzip import VisionZipSelector
 
     for stage in (
         ClsAttentionScorer,
@@ -32,6 +43,18 @@ def tokenprune_register_stages(registry: StageRegistry) -> None:
         ReceivedAttentionScorer,
         TopKSelector,
         DropMerger,
+        # Method baselines (docs/methods/): selectors and their mergers, and score fusion.
+        UniformScorer,
+        CombineScorer,
+        VisionZipSelector,
+        VisionZipMerger,
+        PruMergeSelector,
+        PruMergeMerger,
+        DivPruneSelector,
+        ToMeSelector,
+        ToMeMerger,
+        PoolSelector,
+        PoolMerger,
     ):
         registry.add(stage)
 
@@ -40,10 +63,14 @@ def tokenprune_register_stages(registry: StageRegistry) -> None:
 def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
     from tokenprune.adapters.llava import LlavaAdapter
     from tokenprune.adapters.llava_next import LlavaNextAdapter
+    from tokenprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+    from tokenprune.adapters.timm_vit import TimmViTAdapter
     from tokenprune.adapters.video_llava import VideoLlavaAdapter
 
     registry.add(LlavaAdapter)
     registry.add(LlavaNextAdapter)
+    registry.add(Qwen2_5_VLAdapter)
+    registry.add(TimmViTAdapter)
     registry.add(VideoLlavaAdapter)
 
 

@@ -137,7 +137,7 @@ class Runtime:
                     f"plugin module {name!r} cannot be imported ({exc}); install the package "
                     "that provides it"
                 ) from exc
-        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__qualname__
         if self.pm.is_registered(plugin) or self.pm.has_plugin(name):
             return
         self._register(plugin, name, "named")

@@ -539,7 +539,8 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     """The model is restored exactly after ``remove()`` and after a failure inside a stage.
 
     Checked: the hook dicts of every submodule and the instance attributes (``__dict__`` keys)
-    of every submodule equal the originals; while installed, a failing call leaves exactly the
+    of every submodule equal the originals (taken after one unpruned call, so hooks the model
+    installs lazily on its first call count as original); while installed, a failing call leaves exactly the
     installation's hooks (no temporary hook survives); the error reaches the caller; and after
     removal ``forward`` (and ``generate``) give the outputs of a model that was never pruned.
 
@@ -551,6 +552,11 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     reference = _output_tensor(fresh(**inputs))
     settings = {"max_new_tokens": 3, "do_sample": False}
     reference_generate = _generate(fresh)(**inputs, **settings) if case.generative else None
+    # transformers installs some hooks of its own lazily, on the first forward pass (output
+    # capturing); one unpruned call makes them part of the state the adapter must restore.
+    _output_tensor(model(**inputs))
+    if case.generative:
+        _generate(model)(**inputs, **settings)
     adapter = _adapter(case, model)
     original = _snapshot(model)
 
@@ -575,9 +581,9 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     same_as_never_pruned("after remove()")
 
     pipeline, probe = _probe_pipeline(_ProbeScorerConfig(fail=True))
-    calls: list[Callable[[], Any]] = [functools.partial(model, **inputs)]
-    if case.generative:
-        calls.append(functools.partial(_generate(model), **inputs, **settings))
+    calls: list[Callable[[], Any]] = [lambda: model(**inputs)]
+    if case.generative:  # look generate up at call time: the installation shadows it
+        calls.append(lambda: _generate(model)(**inputs, **settings))
     for call in calls:
         with adapter.install(pipeline) as handle:
             installed = _snapshot(model)

@@ -138,3 +138,70 @@ ADAPTER_CASES: dict[str, AdapterCase] = {
     "video_llava": video_llava_case(),
 }
 """Contract case of every built-in adapter, by adapter name."""
+
+
+# -- Qwen2.5-VL ----------------------------------------------------------------------------------
+def qwen2_5_vl_case() -> AdapterCase:
+    """Qwen2.5-VL: variable resolution, one image in even rows and two in odd rows.
+
+    The first image (24 tokens) spans two attention windows; the probe reads block 0, a
+    window-attention block.
+    """
+    from tokenprune.testing.models import (
+        QWEN_DEFAULT_GRIDS,
+        QWEN_VISION_START_ID,
+        qwen2_5_vl_prompts,
+        tiny_qwen2_5_vl,
+    )
+
+    def tokens(model: nn.Module, inputs: Mapping[str, Any]) -> list[int]:
+        config: Any = model.config
+        merge = int(config.vision_config.spatial_merge_size)
+        return [int(n) for n in (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()]
+
+    def rows(model: nn.Module, inputs: Mapping[str, Any]) -> list[int]:
+        return _rows_of(inputs["input_ids"], QWEN_VISION_START_ID, 1)
+
+    return AdapterCase(
+        name="qwen2_5_vl",
+        make_model=lambda seed: tiny_qwen2_5_vl(seed=seed),
+        make_inputs=lambda model, batch, seed: qwen2_5_vl_prompts(
+            model,
+            tuple(QWEN_DEFAULT_GRIDS[i % len(QWEN_DEFAULT_GRIDS)] for i in range(batch)),
+            text_lengths=text_lengths(batch),
+            seed=seed,
+        ),
+        tokens_per_item=tokens,
+        item_rows=rows,
+    )
+
+
+# -- timm ViT ------------------------------------------------------------------------------------
+def timm_vit_case() -> AdapterCase:
+    """A timm ViT classifier: 16 patches, a class token and a register token, no ``generate``.
+
+    The sequence is the input of the last block (pruning happens after block ``depth // 2`` for
+    the contract's random pipelines).
+    """
+    from tokenprune.testing.models import tiny_timm_vit
+
+    def pixels(batch: int, seed: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+    def last_block(model: nn.Module) -> nn.Module:
+        block: nn.Module = getattr(model, "blocks")[-1]  # noqa: B009 - typed as Any
+        return block
+
+    return AdapterCase(
+        name="timm_vit",
+        make_model=lambda seed: tiny_timm_vit(reg_tokens=1, seed=seed),
+        make_inputs=lambda model, batch, seed: pixels(batch, seed),
+        tokens_per_item=lambda model, inputs: [16] * int(inputs["x"].shape[0]),
+        sequence_module=last_block,
+        generative=False,
+    )
+
+
+ADAPTER_CASES["qwen2_5_vl"] = qwen2_5_vl_case()
+ADAPTER_CASES["timm_vit"] = timm_vit_case()
+__all__ += ["qwen2_5_vl_case", "timm_vit_case"]

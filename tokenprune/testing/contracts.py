@@ -265,7 +265,7 @@ def check_stage(stage_cls: type[Stage[Any]], *, make_context: ContextFactory | N
     - runs on batches of several images and on ``N`` = 1, 2, 7 and 16 tokens;
     - is deterministic: the same inputs give equal outputs, also on a second call of the same
       instance (no state kept between calls);
-    - leaves its inputs and the global torch RNG untouched;
+    - leaves its inputs (tensors and modules of the context) and the global torch RNG untouched;
     - when a capability it requires (``required_capabilities()``) is missing, raises a
       :class:`~tokenprune.errors.TokenPruneError` (or still works), never another exception.
 
@@ -327,6 +327,13 @@ def _snapshot(ctx: PruneContext) -> list[tuple[str, torch.Tensor, torch.Tensor]]
     tensors += [(f"ctx.blocks[{i}].hidden", b.hidden) for i, b in ctx.blocks.items()]
     if ctx.text is not None and ctx.text.embeddings is not None:
         tensors.append(("ctx.text.embeddings", ctx.text.embeddings))
+    modules: dict[str, Any] = {"ctx.projector": ctx.projector}
+    for i, block in ctx.blocks.items():
+        for part in ("layer_norm", "q_proj", "k_proj", "v_proj", "out_proj"):
+            modules[f"ctx.blocks[{i}].{part}"] = getattr(block, part)
+    for prefix, module in modules.items():
+        if isinstance(module, nn.Module):
+            tensors += [(f"{prefix}.{n}", p) for n, p in module.named_parameters()]
     return [(name, t, t.detach().clone()) for name, t in tensors]
 
 

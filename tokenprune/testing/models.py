@@ -198,7 +198,7 @@ def tiny_qwen2_5_vl(
         vision_end_token_id=QWEN_VISION_END_ID,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
+    model: torch.nn.Module = Qwen2_5_VLForConditionalGeneration._from_config(
         copy.deepcopy(config), attn_implementation=attn_implementation
     )
     return model.eval()
@@ -244,7 +244,7 @@ def qwen2_5_vl_prompts(
         >>> (batch["input_ids"] == QWEN_IMAGE_TOKEN_ID).sum(-1).tolist()
         [24, 24]
     """
-    vc = model.config.vision_config
+    vc: Any = getattr(model, "config").vision_config  # noqa: B009 - typed as Any
     merge = int(vc.spatial_merge_size)
     text_lengths = text_lengths or [(2 + i % 2, 3 + 2 * (i % 2)) for i in range(len(grids))]
     g = torch.Generator().manual_seed(seed)
@@ -316,6 +316,7 @@ def tiny_timm_vit(
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
+    options: dict[str, Any] = {"global_pool": global_pool, "class_token": class_token}
     model = VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
@@ -324,9 +325,8 @@ def tiny_timm_vit(
         num_heads=num_heads,
         num_classes=num_classes,
         reg_tokens=reg_tokens,
-        class_token=class_token,
-        global_pool=global_pool,
         qkv_bias=True,
+        **options,
     )
     return model.eval()
 

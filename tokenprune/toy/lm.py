@@ -135,7 +135,7 @@ def load_lm(directory: Path | None = None) -> tuple[PreTrainedModel, PreTrainedT
     path = gguf_path(directory)
     cache = path.parent / DEQUANTISED
     if (cache / "model.safetensors").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(cache)
         return model, tok
     digest = sha256_of(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -203,7 +204,7 @@ def build_llava_config(
     return LlavaConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
-        image_token_id=image_token_id,
+        image_token_id=image_token_id,  # type: ignore[call-arg]  # 5.x name
         image_seq_length=task.NUM_PATCHES,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -255,8 +256,10 @@ def assemble_llava(
     Raises:
         RuntimeError: If a state dict does not match.
     """
-    model = LlavaForConditionalGeneration(config).eval()
-    vocab = config.text_config.vocab_size
+    model = LlavaForConditionalGeneration(config)
+    model.eval()
+    text_config = cast(LlamaConfig, config.text_config)
+    vocab = text_config.vocab_size
     lm_state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
     emb = lm_state["model.embed_tokens.weight"]
     if emb.shape[0] < vocab:
@@ -265,8 +268,7 @@ def assemble_llava(
     keep = {
         k.removeprefix("model."): v
         for k, v in lm_state.items()
-        if not k.startswith("model.layers.")
-        or int(k.split(".")[2]) < config.text_config.num_hidden_layers
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < text_config.num_hidden_layers
     }
     model.model.language_model.load_state_dict(keep, strict=True)
     vision = {

@@ -256,8 +256,8 @@ def patch_object_index(obj_map: np.ndarray, min_pixels: int = 16) -> np.ndarray:
         obj_map ``(96, 96)`` -> ``(144,)``.
     """
     n_obj = int(obj_map.max()) + 1
-    blocks = obj_map.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(NUM_PATCHES, PATCH_SIZE * PATCH_SIZE)
+    grid = obj_map.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3)
+    blocks = grid.reshape(NUM_PATCHES, PATCH_SIZE * PATCH_SIZE)
     counts = np.stack([(blocks == i).sum(1) for i in range(n_obj)], 1)
     best = counts.argmax(1)
     return np.where(counts.max(1) >= min_pixels, best, -1)

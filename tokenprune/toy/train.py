@@ -31,14 +31,21 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
-from transformers import CLIPModel, DynamicCache, LlavaForConditionalGeneration
+from tqdm import tqdm  # type: ignore[import-untyped]
+from transformers import (
+    CLIPModel,
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlavaForConditionalGeneration,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tokenprune.toy import task
@@ -310,7 +317,7 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     out_dir = run_dir / "clip"
     if (out_dir / "model.safetensors").is_file():
         log("stage a: done before, loading clip/")
-        return CLIPModel.from_pretrained(out_dir).eval()
+        return cast(CLIPModel, CLIPModel.from_pretrained(out_dir).eval())
     tok = build_clip_tokenizer()
     torch.manual_seed(recipe.seed)
     clip = CLIPModel(build_clip_config(recipe.tower, len(tok)))
@@ -396,7 +403,7 @@ def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
         out = vlm.model.model.vision_tower(
             pixel_values=pixel_values(images), output_hidden_states=True
         )
-    return out.hidden_states[-2][:, 1:]
+    return cast(torch.Tensor, out.hidden_states[-2][:, 1:])
 
 
 # ----------------------------------------------------------------------------- VLM pieces
@@ -442,8 +449,8 @@ def build_vlm(clip: CLIPModel, recipe: Recipe) -> Vlm:
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
     config = build_llava_config(
-        clip.config.vision_config,
-        truncated_lm_config(lm.config, recipe.lm_layers, len(tok)),
+        cast(CLIPVisionConfig, clip.config.vision_config),
+        truncated_lm_config(cast(LlamaConfig, lm.config), recipe.lm_layers, len(tok)),
         image_id,
     )
     torch.manual_seed(recipe.seed + 1)
@@ -517,8 +524,8 @@ def repeat_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
     """Return a new cache with every batch row repeated ``repeats`` times (graph kept)."""
     return DynamicCache(
         ddp_cache_data=[
-            (layer.keys.repeat_interleave(repeats, 0), layer.values.repeat_interleave(repeats, 0))
-            for layer in cache.layers
+            (keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
+            for keys, values, _ in cache
         ]
     )
 

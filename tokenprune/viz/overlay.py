@@ -165,14 +165,14 @@ def overlay_selection(
         big[~kept] = (1 - tint) * big[~kept] * 0.6 + tint * colours[~kept]
     # Outline: kept pixels whose right/left/up/down neighbour is dropped (or the border).
     padded = np.pad(kept, 1, constant_values=False)
-    edge = kept & ~(
-        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    )
+    edge = kept & ~(padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     big[edge] = outline
     return np.asarray(np.clip(big, 0, 255).round(), dtype=np.uint8)
 
 
-def panel_grid_size(image_size: tuple[int, int], num_panels: int, *, scale: int = 4) -> tuple[int, int]:
+def panel_grid_size(
+    image_size: tuple[int, int], num_panels: int, *, scale: int = 4
+) -> tuple[int, int]:
     """``(width, height)`` in pixels of :func:`render_panels`'s output.
 
     Args:

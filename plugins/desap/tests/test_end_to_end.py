@@ -108,6 +108,10 @@ def test_batch_equals_each_sample_alone(llava: Any, encoder: PairedTextEncoder) 
     assert len(alone) == 2
     for i, single in enumerate(alone):
         for key in ("task", "saliency"):
-            torch.testing.assert_close(together[key][i : i + 1], single[key], rtol=0, atol=1e-5)
+            # A_t is of order 1 / (d1 * d2) (~1e-6 here): compare relative to the map's scale.
+            scale = float(single[key].abs().max())
+            torch.testing.assert_close(
+                together[key][i : i + 1], single[key], rtol=1e-5, atol=1e-5 * scale
+            )
     # The two questions give different task maps; the tokens kept follow from the scores.
     assert not torch.allclose(together["task"][0], together["task"][1])

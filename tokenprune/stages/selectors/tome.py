@@ -1,4 +1,4 @@
-"""ToMe selector: bipartite soft matching merges N tokens into K groups; keep their representatives."""
+"""ToMe selector: bipartite soft matching merges the tokens into K groups."""
 
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ class DesapScorer(Scorer[DesapScorerConfig]):
             overrides.setdefault("text_encoder", "<in-memory>")
         super().__init__(config, **overrides)
         self._text_encoder = text_encoder
+        self._owns_encoder = False
 
     @classmethod
     def contract_config(cls) -> DesapScorerConfig:
@@ -110,10 +111,15 @@ class DesapScorer(Scorer[DesapScorerConfig]):
 
     @property
     def text_encoder(self) -> PairedTextEncoder:
-        """The paired CLIP text encoder, loaded on first use."""
+        """The paired CLIP text encoder, loaded on first use.
+
+        An encoder loaded from ``config.text_encoder`` follows the vision tower to its device on
+        the first call (in float32); an encoder passed to the constructor stays where it is.
+        """
         if self._text_encoder is None:
             assert self.config.text_encoder is not None
             self._text_encoder = PairedTextEncoder.from_pretrained(self.config.text_encoder)
+            self._owns_encoder = True
         return self._text_encoder
 
     def required_capabilities(self) -> frozenset[Capability]:
@@ -195,6 +201,8 @@ class DesapScorer(Scorer[DesapScorerConfig]):
                 "use text_source: llm_embeddings for towers without one"
             )
         encoder = self.text_encoder
+        if self._owns_encoder and encoder.device != decoupled.device:
+            encoder.clip.to(decoupled.device)
         joint = encoder.project_visual(decoupled)
         encoded = encoder.encode(text.texts)
         mask = encoded.mask

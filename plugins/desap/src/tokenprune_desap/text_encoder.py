@@ -147,6 +147,11 @@ class PairedTextEncoder:
         max_length = int(getattr(clip.config.text_config, "max_position_embeddings", 77))
         return cls(clip, tokenizer, max_length=max_length)
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the CLIP model's weights."""
+        return next(self.clip.parameters()).device
+
     # -- pairing ---------------------------------------------------------------------------
     def check_paired(self, vision_tower: nn.Module, *, atol: float = 1e-3) -> None:
         """Check that this CLIP model's vision weights are ``vision_tower``'s weights.
