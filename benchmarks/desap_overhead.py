@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -55,17 +56,28 @@ TEXT_TOKENS = 64
 IMAGE_TOKEN_ID = 1023
 
 
+def clock() -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): the CPU time is robust to a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since ``start``."""
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
+
+
 class TimedPipeline(Pipeline):
-    """A pipeline that records the wall time of every call (scorer + selector + merger)."""
+    """A pipeline that records the time of every call (scorer + selector + merger)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
 
     def __call__(self, ctx: PruneContext) -> PrunedTokens:
-        start = time.perf_counter()
+        start = clock()
         out = super().__call__(ctx)
-        self.times.append(time.perf_counter() - start)
+        self.times.append(elapsed(start))
         return out
 
 
@@ -221,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    start = time.perf_counter()
+    build_start = clock()
     model, encoder = build_models()
     query = question()
     encoded = encoder.encode([query])
@@ -234,55 +246,60 @@ def main() -> None:
     adapter = handle.adapter
     batch = inputs(model, query)
     pixels = batch["pixel_values"]
-    built = time.perf_counter() - start
+    built = elapsed(build_start)
 
-    tower_times: list[float] = []
-    text_times: list[float] = []
-    prepare_times: list[float] = []
+    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
     parts: dict[str, list[float]] = defaultdict(list)
+    load_before = os.getloadavg()[0]
     with torch.no_grad():
         cached.encode([query])  # fill the cache outside every timed region
         for repeat in range(args.repeats + 1):  # the first round warms up and is discarded
-            t0 = time.perf_counter()
+            start = clock()
             model.model.vision_tower(pixels)
-            t1 = time.perf_counter()
+            tower = elapsed(start)
+            start = clock()
             with profiled(parts) if args.profile and repeat else contextlib.nullcontext():
                 out = adapter.prepare_inputs(pipeline, dict(batch), "forward")
-            t2 = time.perf_counter()
+            prepare = elapsed(start)
+            start = clock()
             encoder.encode([query])
-            t3 = time.perf_counter()
+            text = elapsed(start)
             if repeat:
-                tower_times.append(t1 - t0)
-                prepare_times.append(t2 - t1)
-                text_times.append(t3 - t2)
+                times["a"].append(tower)
+                times["p"].append(prepare)
+                times["c"].append(text)
     handle.remove()
     assert out["input_ids"].shape[1] == batch["input_ids"].shape[1] - (576 - KEEP)
-    pipeline_times = pipeline.times[1:]
+    times["b"] = pipeline.times[1:]
 
-    a = statistics.median(tower_times)
-    b = statistics.median(pipeline_times)
-    c = statistics.median(text_times)
-    p = statistics.median(prepare_times)
+    wall = {key: statistics.median(t[0] for t in values) for key, values in times.items()}
+    cpu = {key: statistics.median(t[1] for t in values) for key, values in times.items()}
     print(
         f"DeSAP overhead, LLaVA-1.5 shapes (ViT-L/14-336 tower, 576 -> {KEEP} tokens, "
-        f"{TEXT_TOKENS} text tokens), CPU float32, batch 1, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} (models built in {built:.0f} s)"
+        f"{TEXT_TOKENS} text tokens), CPU float32, batch 1, {torch.get_num_threads()} thread(s), "
+        f"medians of {args.repeats} repeats; models built in {built[0]:.0f} s "
+        f"({built[1]:.0f} s CPU); load average {load_before:.1f} -> "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
-    print(f"{'part':<58} {'time':>10} {'vs (a)':>8}")
+    print(f"{'part':<55} {'wall':>10} {'vs (a)':>8} {'CPU':>10} {'vs (a)':>8}")
     rows = [
-        ("(a) vision tower forward (24 blocks, 577 tokens)", a),
-        ("(b) pruning pipeline, text encoder excluded", b),
-        ("(c) text-encoder forward (CLIP text tower, 64 tokens)", c),
-        ("(b) + (c)", b + c),
-        ("adapter prepare_inputs: tower + (b) + projector on 64", p),
+        ("(a) vision tower forward (24 blocks, 577 tokens)", "a"),
+        ("(b) pruning pipeline, text encoder excluded", "b"),
+        ("(c) text-encoder forward (12 layers, 64 tokens)", "c"),
+        ("(b) + (c)", "b+c"),
+        ("adapter prepare_inputs: tower + (b) + projector(64)", "p"),
     ]
-    for label, value in rows:
-        print(f"{label:<58} {value * 1e3:>8.1f} ms {value / a:>8.2%}")
+    wall["b+c"], cpu["b+c"] = wall["b"] + wall["c"], cpu["b"] + cpu["c"]
+    for label, key in rows:
+        print(
+            f"{label:<55} {wall[key] * 1e3:>7.1f} ms {wall[key] / wall['a']:>8.2%} "
+            f"{cpu[key] * 1e3:>7.1f} ms {cpu[key] / cpu['a']:>8.2%}"
+        )
     if args.profile:
-        print("\n(b) by part (median per call):")
-        for name, times in sorted(parts.items(), key=lambda kv: -statistics.median(kv[1])):
-            value = statistics.median(times)
-            print(f"  {name:<56} {value * 1e3:>8.1f} ms {value / a:>8.2%}")
+        print("\n(b) by part, wall time (median per call):")
+        for name, values in sorted(parts.items(), key=lambda kv: -statistics.median(kv[1])):
+            value = statistics.median(values)
+            print(f"  {name:<53} {value * 1e3:>7.1f} ms {value / wall['a']:>8.2%}")
 
 
 if __name__ == "__main__":

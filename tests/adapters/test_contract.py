@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import torch
 
 from tokenprune.plugin.manager import Runtime
 from tokenprune.testing.adapter_contract import CONTRACT_CHECKS
 from tokenprune.testing.cases import ADAPTER_CASES
 
 REGISTERED = Runtime(autoload=False).adapters.names()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: intra-op threads cost more in synchronisation than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("check", sorted(CONTRACT_CHECKS))

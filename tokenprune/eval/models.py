@@ -171,6 +171,10 @@ class ProcessorEvalModel:
         return f"ProcessorEvalModel({self._name!r}, device={str(self.device)!r})"
 
 
+def _to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
+    return module.to(device).eval()
+
+
 def toy_eval_model(device: torch.device | str = "cpu") -> ProcessorEvalModel:
     """The shipped toy LLaVA with its processor (``--model default``).
 
@@ -187,9 +191,9 @@ def toy_eval_model(device: torch.device | str = "cpu") -> ProcessorEvalModel:
             f"the shipped toy model cannot be loaded: {exc}\n(the model is assembled from "
             f"{ASSETS} and the SmolLM2 language-model file; both must be present)"
         ) from exc
-    model.to(device)
+    module = _to_device(model, device)
     return ProcessorEvalModel(
-        model, processor, processor.decode, name=DEFAULT_MODEL, device=torch.device(device)
+        module, processor, processor.decode, name=DEFAULT_MODEL, device=torch.device(device)
     )
 
 
@@ -221,7 +225,7 @@ def hf_eval_model(
         model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise EvalModelError(f"cannot load {str(name_or_path)!r} as a VLM: {exc}") from exc
-    model = model.to(device).eval()
+    module = _to_device(model, device)
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
 
@@ -240,7 +244,7 @@ def hf_eval_model(
     def decode(tokens: torch.Tensor) -> list[str]:
         return [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]
 
-    return ProcessorEvalModel(model, encode, decode, name=str(name_or_path), device=device)
+    return ProcessorEvalModel(module, encode, decode, name=str(name_or_path), device=device)
 
 
 def load_eval_model(spec: str, *, device: torch.device | str = "cpu") -> EvalModel:

@@ -404,7 +404,7 @@ def run_shard(
     Returns:
         The number of records this process wrote.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     process = process or ProcessInfo()
     out_dir.mkdir(parents=True, exist_ok=True)

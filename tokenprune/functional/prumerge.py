@@ -48,7 +48,7 @@ def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
     """
     _check_scores(scores)
     s = scores.to(compute_dtype(scores.dtype))
-    quartiles = torch.quantile(s, torch.tensor([0.25, 0.75], dtype=s.dtype), dim=1)
+    quartiles = torch.quantile(s, torch.tensor([0.25, 0.75], dtype=s.dtype, device=s.device), dim=1)
     q1, q3 = quartiles[0], quartiles[1]
     return s > (q3 + 1.5 * (q3 - q1)).unsqueeze(1)
 

@@ -96,14 +96,14 @@ class Recipe:
 
     seed: int = 0
     tower: TowerSize = field(default_factory=TowerSize)
-    a_steps: int = 600
+    a_steps: int = 2500
     a_batch: int = 32
     a_lr: float = 1e-3
     a_target: float = 0.95
     lm_layers: int = 8
     b_steps: int = 60
     b_lr: float = 2e-3
-    c_steps: int = 1200
+    c_steps: int = 2400
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
@@ -230,6 +230,9 @@ def clip_step(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the stage-a loss (contrastive + dense heads) and per-patch accuracies.
 
+    The colour head also separates objects from background; the shape and largest-object heads are
+    trained (and scored) on object patches only, so that shape gets the full gradient.
+
     Args:
         clip: The CLIP model.
         heads: Dense heads.
@@ -253,8 +256,8 @@ def clip_step(
     obj = batch.colour > 0
     dense = (
         F.cross_entropy(lc.flatten(0, 1), batch.colour.flatten())
-        + F.cross_entropy(ls.flatten(0, 1), batch.shape.flatten())
-        + F.cross_entropy(ll.flatten(0, 1), batch.largest.flatten())
+        + F.cross_entropy(ls[obj], batch.shape[obj])
+        + F.cross_entropy(ll[obj], batch.largest[obj])
     )
     stats = {
         "clip": out.loss.item(),
