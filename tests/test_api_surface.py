@@ -42,6 +42,8 @@ TOKENPRUNE_API = [
     "__version__",
     "apply",
     "hookimpl",
+    "load_pipeline_config",
+    "save_pipeline",
 ]
 
 TESTING_API = [
@@ -74,6 +76,7 @@ PLUGIN_API = [
     "ENV_DISABLE_AUTOLOAD",
     "PluginInfo",
     "PluginWarning",
+    "PresetRegistry",
     "Runtime",
     "StageRegistry",
     "hookimpl",

@@ -4,7 +4,7 @@ Compose a Scorer -> Selector -> Merger pipeline, apply it to a Hugging Face VLM,
 and ``generate`` run on fewer visual tokens::
 
     import tokenprune
-    with tokenprune.apply(model, "configs/cls_attention_topk64.yaml"):
+    with tokenprune.apply(model, "configs/cls_attention_topk64.yaml"):  # or "visionzip-64"
         out = model.generate(**inputs, max_new_tokens=16)
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenprune.adapters.base import ModelAdapter, PruneHandle
-    from tokenprune.api import apply
+    from tokenprune.api import apply, load_pipeline_config, save_pipeline
     from tokenprune.capabilities import Capability
     from tokenprune.config import PipelineConfig
     from tokenprune.context import PruneContext, Stash, StashKey, VisionBlock
@@ -46,6 +46,8 @@ _LAZY: dict[str, str] = {
     "ModelAdapter": "tokenprune.adapters.base",
     "PruneHandle": "tokenprune.adapters.base",
     "apply": "tokenprune.api",
+    "load_pipeline_config": "tokenprune.api",
+    "save_pipeline": "tokenprune.api",
     "Capability": "tokenprune.capabilities",
     "PipelineConfig": "tokenprune.config",
     "PruneContext": "tokenprune.context",
@@ -119,4 +121,6 @@ __all__ = [
     "__version__",
     "apply",
     "hookimpl",
+    "load_pipeline_config",
+    "save_pipeline",
 ]

@@ -1,4 +1,4 @@
-"""The one-call entry point: :func:`apply`."""
+"""The one-call entry points: :func:`apply`, :func:`save_pipeline`, :func:`load_pipeline_config`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from typing import Any
 from torch import nn
 
 from tokenprune.adapters.base import PruneHandle
-from tokenprune.config import PipelineConfig
+from tokenprune.config import PipelineConfig, save_config
+from tokenprune.errors import ConfigError
 from tokenprune.pipeline import Pipeline
 from tokenprune.plugin.manager import Runtime
 
-__all__ = ["apply"]
+__all__ = ["apply", "load_pipeline_config", "save_pipeline"]
 
 
 def apply(
@@ -29,7 +30,9 @@ def apply(
 
     Args:
         model: A supported model instance (see ``tokenprune list``).
-        pipeline: A :class:`Pipeline`, a validated config, a mapping, or a YAML/TOML/JSON path.
+        pipeline: A :class:`Pipeline`, a validated config, a mapping, a YAML/TOML/JSON file, a
+            directory holding a ``tokenprune.json`` (see :func:`save_pipeline`), or the name of
+            a preset (``Runtime().presets.names()``).
         runtime: Plugin runtime to use; a fresh one (built-ins + installed plugins) if omitted.
 
     Returns:
@@ -38,7 +41,8 @@ def apply(
     Raises:
         AdapterError: If no adapter supports the model.
         CapabilityError: If the pipeline needs something the model's adapter cannot provide.
-        ConfigError: If the configuration is invalid.
+        ConfigError: If the configuration is invalid, or a string is neither a path nor a
+            preset (the message lists the presets).
 
     Examples:
         >>> import tokenprune
@@ -59,3 +63,87 @@ def apply(
         pipeline = runtime.build_pipeline(pipeline)
     adapter = runtime.resolve_adapter(model)(model)
     return adapter.install(pipeline)
+
+
+def save_pipeline(
+    pipeline_or_config: Pipeline | PipelineConfig | Mapping[str, Any],
+    directory: str | Path,
+    *,
+    runtime: Runtime | None = None,
+) -> Path:
+    """Save a pipeline's configuration as ``directory/tokenprune.json``, e.g. next to a model.
+
+    The file holds the configuration (:meth:`PipelineConfig.to_dict`) under ``pipeline`` and a
+    small header with the tokenprune version and the file format. Share the directory, then
+    ``tokenprune.apply(model, directory)`` or :func:`load_pipeline_config` reads it back; plugin
+    modules the configuration names under ``plugins`` are imported then, and nothing else.
+
+    Args:
+        pipeline_or_config: A validated config, a mapping (validated first), or a
+            :class:`Pipeline`: the config it was built from, or, for a pipeline built from stage
+            instances, the configs of its stages and its budget.
+        directory: Target directory; created if missing. An existing ``tokenprune.json`` is
+            replaced.
+        runtime: Runtime used to validate a mapping or a pipeline's stages; the pipeline's own
+            runtime, else a fresh one, if omitted.
+
+    Returns:
+        The path of the written ``tokenprune.json``.
+
+    Raises:
+        ConfigError: If the configuration is invalid or ``directory`` is a file.
+
+    Examples:
+        >>> import tempfile, tokenprune
+        >>> cfg = {"scorer": {"name": "random"}, "selector": {"name": "topk"}, "keep": 8}
+        >>> with tempfile.TemporaryDirectory() as model_dir:
+        ...     path = tokenprune.save_pipeline(cfg, model_dir)
+        ...     tokenprune.load_pipeline_config(model_dir).keep, path.name
+        (8, 'tokenprune.json')
+    """
+    config: PipelineConfig | Mapping[str, Any] = pipeline_or_config
+    if isinstance(pipeline_or_config, Pipeline):
+        runtime = runtime or pipeline_or_config.runtime
+        config = pipeline_or_config.config or _pipeline_dict(pipeline_or_config)
+    if not isinstance(config, PipelineConfig):
+        if not isinstance(config, Mapping):
+            raise ConfigError(
+                "save_pipeline needs a Pipeline, a PipelineConfig or a mapping, got "
+                f"{type(config).__name__}"
+            )
+        if runtime is None:
+            plugins = config.get("plugins", ())
+            runtime = Runtime(plugins=plugins if isinstance(plugins, list | tuple) else ())
+        config = runtime.parse_config(config)
+    return save_config(config, directory)
+
+
+def _pipeline_dict(pipeline: Pipeline) -> dict[str, Any]:
+    """The configuration of a pipeline that was built from stage instances."""
+    data: dict[str, Any] = {
+        stage.role: stage.config.model_dump(mode="json") for stage in pipeline.stages
+    }
+    if pipeline.keep is not None:
+        data["keep"] = pipeline.keep
+    else:
+        data["keep_ratio"] = pipeline.keep_ratio
+    data["positions"] = pipeline.positions
+    return data
+
+
+def load_pipeline_config(path_or_dir: str | Path, runtime: Runtime | None = None) -> PipelineConfig:
+    """Read a saved pipeline (a directory with ``tokenprune.json``), a config file or a preset.
+
+    Args:
+        path_or_dir: A directory written by :func:`save_pipeline`, a YAML/TOML/JSON file, or a
+            preset name (see :func:`tokenprune.config.load_config` for the order).
+        runtime: Runtime whose stages validate the config; a fresh one if omitted.
+
+    Returns:
+        The validated configuration; pass it to :func:`apply` or ``runtime.build_pipeline``.
+
+    Raises:
+        ConfigError: If nothing is found, the file is damaged, or the config is invalid.
+        PluginError: If a plugin module the config names cannot be imported.
+    """
+    return (runtime or Runtime()).load_config(path_or_dir)

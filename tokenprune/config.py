@@ -3,11 +3,18 @@
 The stage fields are discriminated unions on ``name`` built from the registry of a
 :class:`~tokenprune.plugin.Runtime`, so plugin stages validate exactly like built-in ones and a
 misspelled field is an error naming the field.
+
+Configurations are data: reading one never imports code, except the plugin modules it names
+under ``plugins:`` (YAML is read with ``yaml.safe_load``, which builds no Python objects).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.metadata
 import json
+import os
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,8 +22,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
-from tokenprune.errors import ConfigError
+from tokenprune.errors import BudgetError, ConfigError
 from tokenprune.stages.base import StageConfig
 from tokenprune.stages.mergers.drop import DropMergerConfig
 
@@ -24,9 +32,29 @@ if TYPE_CHECKING:
     from tokenprune.plugin.manager import Runtime
     from tokenprune.registry import StageRegistry
 
-__all__ = ["PipelineConfig", "PositionPolicy", "build_config_model", "load_config", "parse_config"]
+__all__ = [
+    "SAVED_CONFIG_NAME",
+    "SAVED_FORMAT",
+    "PipelineConfig",
+    "PositionPolicy",
+    "build_config_model",
+    "load_config",
+    "parse_config",
+    "save_config",
+]
 
 PositionPolicy = Literal["contiguous", "original"]
+
+SAVED_CONFIG_NAME = "tokenprune.json"
+"""File that :func:`save_config` writes into a directory (next to a model's own files)."""
+SAVED_FORMAT = 1
+"""Layout version of ``tokenprune.json``; files of a newer layout are refused with a clear error."""
+
+_ROLES = ("scorer", "selector", "merger")
+_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+_BUDGET_HINT = (
+    "`keep` is a token count >= 1 and `keep_ratio` a fraction in (0, 1]; give exactly one"
+)
 
 
 class PipelineConfig(BaseModel):
@@ -57,14 +85,16 @@ class PipelineConfig(BaseModel):
     selector: StageConfig
     merger: StageConfig = DropMergerConfig()
     keep: Annotated[int, Field(gt=0)] | None = None
-    keep_ratio: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    keep_ratio: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     positions: PositionPolicy = "contiguous"
     plugins: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _one_budget(self) -> PipelineConfig:
         if (self.keep is None) == (self.keep_ratio is None):
-            raise ValueError("give exactly one of `keep` (a count) and `keep_ratio` (a fraction)")
+            raise PydanticCustomError(
+                "budget", "give exactly one of `keep` (a count) and `keep_ratio` (a fraction)"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,22 +128,59 @@ def build_config_model(registry: StageRegistry) -> type[PipelineConfig]:
     return model
 
 
-def _format_validation(err: ValidationError) -> str:
+def _field_hint(loc: tuple[int | str, ...], data: Mapping[str, Any], runtime: Runtime) -> str:
+    """For an unknown field: the closest allowed name and the allowed names, if they are known."""
+    *parent, field = loc
+    fields: list[str] | None = None
+    if not parent:
+        fields = list(PipelineConfig.model_fields)
+    elif parent[0] in _ROLES and len(parent) <= 2:
+        section = data.get(str(parent[0]))
+        name = section.get("name") if isinstance(section, Mapping) else None
+        if len(parent) == 1 or parent[1] == name:
+            try:
+                stage = runtime.stages.get(parent[0], str(name))  # type: ignore[arg-type]
+            except ConfigError:
+                return ""
+            fields = [f for f in stage.Config.model_fields if f != "name"]
+    if fields is None:
+        return ""
+    close = difflib.get_close_matches(str(field), fields, n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"{hint} (allowed: {', '.join(fields) or 'no options'})"
+
+
+def _validation_error(
+    err: ValidationError, data: Mapping[str, Any], runtime: Runtime
+) -> ConfigError:
+    """One line per problem, naming the field; a :class:`BudgetError` if only the budget is bad."""
     lines = []
+    budget_only = True
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
-        lines.append(f"  {loc}: {e['msg']}")
-    return "invalid pipeline config:\n" + "\n".join(lines)
+        loc = tuple(e["loc"])
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message += _field_hint(loc, data, runtime)
+        lines.append(f"  {'.'.join(str(p) for p in loc) or '<config>'}: {message}")
+        budget_only &= e["type"] == "budget" or loc[:1] in (("keep",), ("keep_ratio",))
+    text = "invalid pipeline config:\n" + "\n".join(lines)
+    if budget_only:
+        return BudgetError(f"{text}\n  ({_BUDGET_HINT})")
+    return ConfigError(text)
 
 
 def parse_config(data: Mapping[str, Any], runtime: Runtime) -> PipelineConfig:
     """Validate a mapping as a :class:`PipelineConfig` using ``runtime``'s stages.
 
     Plugins listed under ``plugins`` are registered with ``runtime`` first. Unknown stage names
-    are reported with the available names; any other problem names the offending field.
+    are reported with the available names; any other problem names the offending field (a
+    misspelled field also gets the closest allowed name).
 
     Raises:
+        BudgetError: If only the budget is invalid (``keep`` < 1, ``keep_ratio`` outside
+            (0, 1] or not finite, both or neither given).
         ConfigError: If the mapping is not a valid config.
+        PluginError: If a module named under ``plugins`` cannot be imported.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a pipeline config must be a mapping, got {type(data).__name__}")
@@ -132,18 +199,62 @@ def parse_config(data: Mapping[str, Any], runtime: Runtime) -> PipelineConfig:
     try:
         return runtime.config_model().model_validate(dict(data))
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from None
+        raise _validation_error(err, data, runtime) from None
 
 
 def load_config(path: str | Path, runtime: Runtime) -> PipelineConfig:
-    """Read a pipeline config from a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file.
+    """Read a pipeline config from a file, a saved directory, or a preset name.
+
+    ``path`` is tried as, in this order:
+
+    1. a directory: its ``tokenprune.json``, as written by :func:`save_config`
+       (:func:`tokenprune.save_pipeline`), for instance next to a model's own files;
+    2. a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (a ``.json`` file may also be a saved
+       ``tokenprune.json``);
+    3. the name of a preset registered with ``runtime`` (``runtime.presets``), when ``path`` is
+       a string.
+
+    Args:
+        path: File, directory or preset name.
+        runtime: Runtime whose stages and presets are used.
 
     Raises:
-        ConfigError: If the file is missing, unparsable, or not a valid config.
+        ConfigError: If nothing is found (the message lists the presets), the file cannot be
+            read, or the config is invalid; a :class:`BudgetError` if only the budget is.
+        PluginError: If a module named under ``plugins`` cannot be imported.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    source = Path(path)
+    if source.is_dir():
+        saved = source / SAVED_CONFIG_NAME
+        if not saved.is_file():
+            raise ConfigError(
+                f"directory {str(source)!r} has no {SAVED_CONFIG_NAME}; write one with "
+                f"tokenprune.save_pipeline(config, {str(source)!r}), or pass a config file"
+            )
+        return _load_file(saved, runtime)
+    if source.is_file():
+        return _load_file(source, runtime)
+    if isinstance(path, str) and path in runtime.presets:
+        return _load_preset(path, runtime)
+    presets = ", ".join(runtime.presets.names()) or "none"
+    raise ConfigError(
+        f"config {str(source)!r} does not exist as a file or directory, and it is not a preset "
+        f"name (presets: {presets}); pass a .yaml/.toml/.json file, a directory saved with "
+        "tokenprune.save_pipeline, or one of the presets"
+    )
+
+
+def _load_preset(name: str, runtime: Runtime) -> PipelineConfig:
+    preset = runtime.presets.get(name)
+    try:
+        if isinstance(preset, Path):
+            return _load_file(preset, runtime)
+        return parse_config(preset, runtime)
+    except ConfigError as exc:
+        raise type(exc)(f"preset {name!r}: {exc}") from None
+
+
+def _load_file(path: Path, runtime: Runtime) -> PipelineConfig:
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     try:
@@ -159,8 +270,76 @@ def load_config(path: str | Path, runtime: Runtime) -> PipelineConfig:
                 "use .yaml, .toml or .json"
             )
     except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {str(path)!r} cannot be parsed: {exc}") from None
+        fix = (
+            "the file is damaged or truncated; write it again with tokenprune.save_pipeline"
+            if path.name == SAVED_CONFIG_NAME
+            else "fix its syntax"
+        )
+        raise ConfigError(f"config file {str(path)!r} cannot be parsed ({exc}); {fix}") from None
+    data = _unwrap_saved(data, path)
     try:
         return parse_config(data if data is not None else {}, runtime)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenprune")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source tree
+        return "0.0.0"
+
+
+def _unwrap_saved(data: Any, path: Path) -> Any:
+    """The ``pipeline`` of a saved ``tokenprune.json``; any other data is returned as it is."""
+    if not isinstance(data, Mapping) or "tokenprune" not in data:
+        return data
+    header = data["tokenprune"]
+    if not isinstance(header, Mapping) or set(data) != {"tokenprune", "pipeline"}:
+        raise ConfigError(
+            f"{path}: a saved pipeline holds a `tokenprune` header mapping and a `pipeline`, "
+            f"got the keys {sorted(data)}; write it again with tokenprune.save_pipeline"
+        )
+    layout = header.get("format")
+    if isinstance(layout, bool) or not isinstance(layout, int) or not 1 <= layout <= SAVED_FORMAT:
+        raise ConfigError(
+            f"{path} was saved by tokenprune {header.get('version', '?')} in format {layout!r}; "
+            f"tokenprune {_version()} reads formats 1 to {SAVED_FORMAT}: upgrade tokenprune"
+        )
+    return data["pipeline"]
+
+
+def save_config(config: PipelineConfig, directory: str | Path) -> Path:
+    """Write ``config`` to ``directory/tokenprune.json``, creating the directory if needed.
+
+    The file holds a small header (``{"tokenprune": {"version": ..., "format": 1}}``) and the
+    config as :meth:`PipelineConfig.to_dict` gives it, under ``pipeline``. It is written to a
+    temporary file first and then renamed, so an interrupted save never leaves a truncated file.
+    :func:`load_config` reads the directory (or the file) back.
+
+    Args:
+        config: A validated configuration.
+        directory: Where to write; typically a model's own directory.
+
+    Returns:
+        The path of the written file.
+    """
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"cannot save into {str(folder)!r}: it exists and is not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "tokenprune": {"version": _version(), "format": SAVED_FORMAT},
+        "pipeline": config.to_dict(),
+    }
+    target = folder / SAVED_CONFIG_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{SAVED_CONFIG_NAME}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(document, stream, indent=2)
+            stream.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

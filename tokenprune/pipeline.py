@@ -73,6 +73,8 @@ class Pipeline:
             raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
         self.positions: PositionPolicy = positions
         self.runtime = runtime
+        self.config: PipelineConfig | None = None
+        """The configuration the pipeline was built from (set by :meth:`from_config`)."""
 
     @classmethod
     def from_config(
@@ -93,7 +95,7 @@ class Pipeline:
             stage_config = getattr(config, role)
             stage_cls = runtime.stages.get(role, stage_config.name)
             stages[role] = stage_cls.from_config(stage_config, stages=runtime.stages)
-        return cls(
+        pipeline = cls(
             stages["scorer"],  # type: ignore[arg-type]
             stages["selector"],  # type: ignore[arg-type]
             stages["merger"],  # type: ignore[arg-type]
@@ -102,6 +104,8 @@ class Pipeline:
             positions=config.positions,
             runtime=runtime,
         )
+        pipeline.config = config
+        return pipeline
 
     @property
     def stages(self) -> tuple[Stage[Any], ...]:

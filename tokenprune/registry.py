@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args
 
 from tokenprune.errors import ConfigError, RegistrationError
@@ -14,10 +17,21 @@ from tokenprune.stages.base import Merger, Role, Scorer, Selector, Stage, StageC
 if TYPE_CHECKING:
     from tokenprune.adapters.base import ModelAdapter
 
-__all__ = ["AdapterRegistry", "Registration", "StageRegistry", "provider_of"]
+__all__ = [
+    "AdapterRegistry",
+    "Preset",
+    "PresetRegistry",
+    "Registration",
+    "StageRegistry",
+    "provider_of",
+]
 
 ROLES: tuple[Role, ...] = ("scorer", "selector", "merger")
-_ROLE_BASES: dict[Role, type[Stage[Any]]] = {"scorer": Scorer, "selector": Selector, "merger": Merger}
+_ROLE_BASES: dict[Role, type[Stage[Any]]] = {
+    "scorer": Scorer,
+    "selector": Selector,
+    "merger": Merger,
+}
 T = TypeVar("T")
 
 
@@ -67,6 +81,8 @@ class _Registry(Generic[T]):
     def __init__(self) -> None:
         self._items: dict[tuple[str, str], Registration[T]] = {}
         self.current_plugin: str = "<unknown>"
+        # Module of the plugin being registered: the provider of what has no module of its own.
+        self.current_module: str = "<unknown>"
 
     def _add(self, role: str, name: str, obj: T, module: str) -> None:
         key = (role, name)
@@ -180,3 +196,85 @@ class AdapterRegistry(_Registry["type[ModelAdapter]"]):
             raise ConfigError(
                 f"unknown adapter {name!r}; available: {', '.join(self.names()) or 'none'}"
             ) from None
+
+
+Preset = Mapping[str, Any] | Path
+"""A registered preset: the configuration mapping itself, or a YAML, TOML or JSON file."""
+
+_PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+
+
+class PresetRegistry(_Registry[Preset]):
+    """Named pipeline configurations, so ``tokenprune.apply(model, "visionzip-64")`` works.
+
+    Plugins receive it in ``tokenprune_register_presets`` and call :meth:`add`; tokenprune's own
+    presets (``tokenprune/presets/*.yaml``) are registered by the built-in plugin the same way.
+    A preset is only looked up by name: it is validated when it is used, against the stages of
+    the runtime that uses it.
+
+    Examples:
+        >>> from tokenprune.plugin import Runtime
+        >>> presets = Runtime(autoload=False).presets
+        >>> "cls_attention-64" in presets, presets.names()[:2]
+        (True, ['cls_attention-64', 'divprune-64'])
+    """
+
+    def add(self, name: str, preset: Preset) -> None:
+        """Register ``preset`` under ``name``.
+
+        Args:
+            name: Letters, digits and ``_ . + -``, starting with a letter or digit, and not
+                ending in a config-file extension (so a name is never mistaken for a file).
+            preset: The configuration as a mapping (copied), or the path of a ``.yaml``,
+                ``.yml``, ``.toml`` or ``.json`` file (read when the preset is used).
+
+        Raises:
+            RegistrationError: If the name is malformed or taken, the mapping is not a mapping,
+                or the file does not exist.
+        """
+        if (
+            not isinstance(name, str)
+            or not _PRESET_NAME.match(name)
+            or name.lower().endswith(_CONFIG_SUFFIXES)
+        ):
+            raise RegistrationError(
+                f"preset name {name!r} is invalid: use letters, digits and '_.+-', starting with "
+                "a letter or digit and not ending in a file extension (e.g. 'visionzip-64')"
+            )
+        value: Preset
+        if isinstance(preset, Mapping):
+            value = copy.deepcopy(dict(preset))
+        elif isinstance(preset, str | Path):
+            value = Path(preset)
+            if not value.is_file() or value.suffix.lower() not in _CONFIG_SUFFIXES:
+                raise RegistrationError(
+                    f"preset {name!r}: {str(value)!r} is not a .yaml, .yml, .toml or .json file"
+                )
+        else:
+            raise RegistrationError(
+                f"preset {name!r} must be a mapping or a config file path, got "
+                f"{type(preset).__name__}"
+            )
+        self._add("preset", name, value, self.current_module)
+
+    def __contains__(self, name: object) -> bool:
+        return ("preset", name) in self._items
+
+    def names(self) -> list[str]:
+        """Sorted preset names."""
+        return sorted(n for _, n in self._items)
+
+    def get(self, name: str) -> Preset:
+        """Return preset ``name``: a fresh copy of its mapping, or its file.
+
+        Raises:
+            ConfigError: If there is none; the message lists the available names.
+        """
+        try:
+            value = self._items[("preset", name)].obj
+        except KeyError:
+            raise ConfigError(
+                f"unknown preset {name!r}; available: {', '.join(self.names()) or 'none'}"
+            ) from None
+        return value if isinstance(value, Path) else copy.deepcopy(dict(value))

@@ -244,12 +244,15 @@ def test_rope_deltas_continue_a_manual_decoding_step(
 ) -> None:
     with Qwen2_5_VLAdapter(model).install(random_pipeline()), LMInputs(model) as lm:
         out = model(**batch, use_cache=True)
-        prefill = lm.calls[0]
-        mask = torch.cat([prefill["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        model(input_ids=next_ids, attention_mask=mask, cache=out.cache)  # positions from deltas
-    step = lm.calls[1]["position_ids"]
-    torch.testing.assert_close(step[..., -1], prefill["position_ids"][..., -1] + 1)
+        # no position_ids: the model continues from its rope_deltas (cache length + delta)
+        model(input_ids=next_ids, cache=out.cache)
+    prefill, step = lm.calls[0], lm.calls[1]["position_ids"]
+    full_rows = prefill["attention_mask"].bool().all(-1)  # rows without padding after pruning
+    assert bool(full_rows.any())
+    torch.testing.assert_close(
+        step[:, full_rows, -1], prefill["position_ids"][:, full_rows, -1] + 1
+    )
 
 
 # -- budget and batching --------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def test_images_with_the_same_grid_are_scored_together(model: nn.Module) -> None
         (8, (2, 4), 2),
         (16, (4, 4), 1),
     ]
-    assert out.logits.shape[1] == inputs["input_ids"].shape[1] - (8 - 3) * 2 - (16 - 3)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1] - (8 - 3) - (16 - 3)  # row 1
 
 
 # -- received attention == the model's eager attention --------------------------------------------

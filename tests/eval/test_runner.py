@@ -272,3 +272,56 @@ def test_cli_eval(tiny: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(_lines(out / RESULTS_FILE)) == 2 * 2
     assert main([*argv[:3], "--task", "nope", *argv[5:]]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_demo_pipelines_include_installed_reference_methods(tmp_path: Path) -> None:
+    from tokenprune.eval.demo import DEMO_BUDGET, demo_pipelines
+
+    runtime = Runtime()
+    specs = demo_pipelines(tmp_path / "clip", runtime)
+    names = [s.name for s in specs]
+    assert names[:2] == ["random", "cls_attention"]
+    if "desap" in runtime.stages.names("scorer"):
+        desap = next(s for s in specs if s.name == "desap")
+        assert desap.config is not None
+        assert desap.config["scorer"]["text_encoder"] == str(tmp_path / "clip")
+        runtime.parse_config(desap.config)  # valid without loading the encoder
+    for spec in specs:
+        assert spec.config is not None
+        assert spec.config["keep_ratio"] == float(DEMO_BUDGET)
+
+
+def test_run_demo(
+    tiny: ModuleType, model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tokenprune.toy.model as toy_model
+    from tokenprune.eval import demo
+    from tokenprune.viz.overlay import panel_grid_size
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("language model file smollm2.gguf is missing")
+
+    monkeypatch.setattr(toy_model, "load_default_model", missing)
+    with pytest.raises(ModelAssetsMissingError, match=r"smollm2\.gguf is missing"):
+        demo.run_demo(tmp_path / "none")
+
+    # The plumbing, with the tiny model and task standing in for the shipped ones.
+    (tmp_path / "assets" / "clip").mkdir(parents=True)
+    monkeypatch.setattr(toy_model, "ASSETS", tmp_path / "assets")
+    monkeypatch.setattr(demo, "toy_eval_model", lambda device: model)
+    monkeypatch.setattr(demo, "ShapesTask", tiny.TinyTask)
+    monkeypatch.setattr(demo, "REFERENCE_METHODS", {})
+    printed: list[str] = []
+    summary = demo.run_demo(
+        tmp_path / "demo", limit=1, batch_size=2, progress=False, echo=printed.append
+    )
+    assert [(r.pipeline, r.budget, r.kept_tokens) for r in summary.rows] == [
+        ("unpruned", "full", 16.0),
+        ("random", "0.111", 2.0),
+        ("cls_attention", "0.111", 2.0),
+    ]
+    assert printed[0] == summary.to_markdown()
+    for name in ("summary.md", "summary.csv", "accuracy.png", "results.jsonl"):
+        assert (tmp_path / "demo" / name).is_file()
+    with Image.open(tmp_path / "demo" / "overlay.png") as png:
+        assert png.size == panel_grid_size((32, 32), 3, scale=4)

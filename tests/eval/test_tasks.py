@@ -72,8 +72,8 @@ def test_registry() -> None:
         reg.register("two", _Two)
     reg.register("two", make_two, replace=True)
     assert [s.id for s in reg.get("two").samples("test", 0, 1)] == ["a0", "b1"]
-    assert reg.get("two").score(" a ", "A") is False
-    assert reg.get("two").score("A", "A")
+    assert not reg.get("two").score("b", "A")
+    assert reg.get("two").score(" a ", "A")
     with pytest.raises(EvalTaskError, match="unknown task 'nope'; registered: two"):
         reg.get("nope")
     reg.unregister("two")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPModel,
+    CLIPVisionConfig,
     LlamaConfig,
     LlavaForConditionalGeneration,
     PreTrainedTokenizerFast,
@@ -68,17 +70,20 @@ def _tiny_llava(vocab_size: int, image_token_id: int) -> LlavaForConditionalGene
         bos_token_id=1,
         eos_token_id=2,
     )
+    vision = cast(CLIPVisionConfig, clip_cfg.vision_config)
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(
-        toy_model.build_llava_config(clip_cfg.vision_config, text, image_token_id)
-    ).eval()
+    model = LlavaForConditionalGeneration(
+        toy_model.build_llava_config(vision, text, image_token_id)
+    )
+    model.eval()
+    return model
 
 
 def test_tiny_llava_from_toy_configs() -> None:
     """A random-weight LLaVA built from the toy configs runs forward and generate on toy scenes."""
     tok = _tiny_lm_tokenizer()
     proc = toy_model.build_processor(tok)
-    image_id = tok.convert_tokens_to_ids(toy_model.IMAGE_TOKEN)
+    image_id = cast(int, tok.convert_tokens_to_ids(toy_model.IMAGE_TOKEN))
     model = _tiny_llava(len(tok), image_id)
     assert model.config.vision_feature_layer == -2
     assert model.config.vision_feature_select_strategy == "default"
@@ -136,11 +141,12 @@ def test_clip_tokenizer_covers_question_words() -> None:
 
 def test_merge_lora_adds_scaled_product() -> None:
     """``merge_lora`` adds ``scaling * B @ A`` to the named linear layer."""
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False))
-    before = net[0].weight.detach().clone()
+    linear = torch.nn.Linear(4, 3, bias=False)
+    net = torch.nn.Sequential(linear)
+    before = linear.weight.detach().clone()
     a, b = torch.randn(2, 4), torch.randn(3, 2)
     assert toy_model.merge_lora(net, {"0.lora_A": a, "0.lora_B": b}, 0.5) == 1
-    torch.testing.assert_close(net[0].weight.detach(), before + 0.5 * b @ a)
+    torch.testing.assert_close(linear.weight.detach(), before + 0.5 * b @ a)
     with pytest.raises(KeyError, match="no such module"):
         toy_model.merge_lora(net, {"1.lora_A": a, "1.lora_B": b}, 1.0)
 
@@ -171,7 +177,7 @@ def test_shipped_assets_load() -> None:
     answer = proc.decode(gen[:, enc["input_ids"].shape[1] :])[0]
     assert isinstance(answer, str)
     meta = json.loads((assets / "vlm" / "lora.json").read_text())
-    assert model.config.text_config.num_hidden_layers == meta["lm_layers"]
+    assert cast(LlamaConfig, model.config.text_config).num_hidden_layers == meta["lm_layers"]
     sizes = sum(p.stat().st_size for p in assets.rglob("*.safetensors"))
     assert sizes <= 50 * 2**20
     assert np.isfinite(sizes)

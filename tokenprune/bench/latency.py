@@ -507,9 +507,7 @@ class _Probe:
             start, _ = self.log.vision[-1]
             self.log.vision[-1] = (start, self.clock.mark())
 
-    def _lm_start(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _lm_start(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.lm_tokens.append(_sequence_length(args, kwargs))
             self.log.lm_start.append(self.clock.mark())
@@ -823,8 +821,14 @@ def run_benchmark(
 
     label = name or str(getattr(config, "_name_or_path", "") or "") or type(model).__name__
     shape = shape_from_config(config, name=label)
+    dtype_name = str(dtype).removeprefix("torch.")
     flops = prefill_flops(
-        shape, kept, convention=convention, scope="prefill", text_tokens=text_tokens
+        shape,
+        kept,
+        convention=convention,
+        scope="prefill",
+        text_tokens=text_tokens,
+        dtype=dtype_name,
     )
     flops_vision = (
         None
@@ -836,13 +840,13 @@ def run_benchmark(
             scope="prefill",
             text_tokens=text_tokens,
             include_vision=True,
+            dtype=dtype_name,
         )
     )
 
     clock = _Clock(device)
     runs: dict[Variant, list[RunMeasurement]] = {"unpruned": [], "pruned": []}
     schedule: list[tuple[str, Variant]] = []
-    generate = cast("Any", model).generate
     with torch.inference_mode(), _probe(clock, vision, lm) as probe:
         timed = _TimedPipeline(built, probe)
         for repeat in range(warmup + repeats):
@@ -857,6 +861,7 @@ def run_benchmark(
                         torch.cuda.reset_peak_memory_stats(device)
                         memory = (torch.cuda.memory_allocated(device), None)
                     probe.log = log
+                    generate = cast("Any", model).generate  # the pruned one while installed
                     start = clock.mark()
                     generate(
                         **inputs,
@@ -893,7 +898,7 @@ def run_benchmark(
         model=label,
         description=description,
         device=_describe_device(device),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name,
         threads=torch.get_num_threads(),
         attn_implementation=_attn_implementation(model),
         parameters=sum(p.numel() for p in model.parameters()),
@@ -1048,8 +1053,7 @@ def format_result(result: BenchResult) -> str:
         )
         lines.append(
             "- memory (CPU): the KV-cache row is the nbytes of the cache tensors after the "
-            "prefill; peak RSS is process-wide and monotone, so it cannot be split per run."
-            + rss
+            "prefill; peak RSS is process-wide and monotone, so it cannot be split per run." + rss
         )
     setup = s.setup
     lines += [

@@ -36,6 +36,7 @@ __all__ = [
     "build_preset",
     "list_presets",
     "load_pretrained",
+    "preset_visual_tokens",
     "resolve_dtype",
 ]
 
@@ -144,6 +145,35 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
+def _get_preset(name: str) -> ModelPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown benchmark preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None
+
+
+def preset_visual_tokens(name: str) -> int:
+    """Visual tokens per image of a preset, ``(image_size / patch_size)^2``, without building it.
+
+    Args:
+        name: A key of :data:`PRESETS`.
+
+    Returns:
+        The count ``N``.
+
+    Raises:
+        ConfigError: Unknown preset.
+
+    Examples:
+        >>> preset_visual_tokens("real-shaped"), preset_visual_tokens("tiny")
+        (576, 256)
+    """
+    vision = _get_preset(name).vision
+    return (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """Turn a dtype name (``float32``, ``bfloat16``, ``float16`` or a short alias) into a dtype.
 
@@ -206,24 +236,17 @@ def build_preset(
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration
 
-    try:
-        preset = PRESETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown benchmark preset {name!r}; choose one of {', '.join(PRESETS)}"
-        ) from None
+    preset = _get_preset(name)
     text = dict(preset.text)
     if lm_layers is not None:
         if isinstance(lm_layers, bool) or not isinstance(lm_layers, int) or lm_layers < 1:
             raise ConfigError(f"lm_layers must be a positive int, got {lm_layers!r}")
         text["num_hidden_layers"] = lm_layers
-    vision = dict(preset.vision)
-    patches = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision),
+        vision_config=CLIPVisionConfig(**preset.vision),
         text_config=LlamaConfig(**text),
         image_token_id=preset.image_token_id,
-        image_seq_length=patches,
+        image_seq_length=preset_visual_tokens(name),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - optional subcommand module absent
         pass
     try:
+        from tokenprune.cli import _bench
+
+        modules.append(_bench)
+    except ImportError:  # pragma: no cover - optional subcommand module absent
+        pass
+    try:
         from tokenprune.cli import _toy
 
         modules.append(_toy)

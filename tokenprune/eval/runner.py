@@ -327,7 +327,7 @@ class PruneRecorder:
 # -- running ------------------------------------------------------------------------------------
 
 
-def _versions(runtime: Runtime) -> dict[str, Any]:
+def _versions() -> dict[str, Any]:
     out: dict[str, Any] = {"python": platform.python_version()}
     for dist in ("tokenprune", "torch", "transformers", "accelerate", "numpy"):
         try:
@@ -505,7 +505,7 @@ def finalize(
         "max_new_tokens": spec.max_new_tokens,
         "budgets": [b.label for b in spec.budgets],
         "pipelines": configs,
-        "versions": _versions(runtime),
+        "versions": _versions(),
         "plugins": [
             {"name": p.name, "provider": p.provider, "source": p.source}
             for p in runtime.plugins

@@ -74,6 +74,10 @@ class Sample:
 class Task(ABC):
     """An evaluation task: deterministic samples and a scoring rule.
 
+    :meth:`samples` must return the same samples in the same order every time it is called with
+    the same arguments (in every process of a data-parallel run), with ids that are unique and
+    stable across runs: the runner resumes and shards by them.
+
     Class attributes:
         name: Registry name, also recorded in ``runs.jsonl``.
         families: Question families in report order.

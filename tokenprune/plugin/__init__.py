@@ -10,10 +10,11 @@ from tokenprune.plugin.manager import (
     Runtime,
 )
 from tokenprune.plugin.spec import hookimpl, hookspec
-from tokenprune.registry import AdapterRegistry, StageRegistry
+from tokenprune.registry import AdapterRegistry, PresetRegistry, StageRegistry
 
 __all__ = [
     "AdapterRegistry",
+    "PresetRegistry",
     "StageRegistry",
     "ENV_DISABLED_PLUGINS",
     "ENV_DISABLE_AUTOLOAD",

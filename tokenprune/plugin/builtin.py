@@ -1,7 +1,9 @@
-"""The built-in plugin: registers the baseline stages and the bundled model adapters."""
+"""The built-in plugin: registers the baseline stages, the bundled adapters and the presets."""
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenprune.plugin.spec import hookimpl
@@ -10,7 +12,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from tokenprune.adapters.base import ModelAdapter
-    from tokenprune.registry import AdapterRegistry, StageRegistry
+    from tokenprune.registry import AdapterRegistry, PresetRegistry, StageRegistry
 
 __all__ = ["BUILTIN_PLUGINS"]
 
@@ -72,6 +74,15 @@ def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
     registry.add(Qwen2_5_VLAdapter)
     registry.add(TimmViTAdapter)
     registry.add(VideoLlavaAdapter)
+
+
+@hookimpl
+def tokenprune_register_presets(registry: PresetRegistry) -> None:
+    # One YAML file per preset, shipped inside the package: tokenprune/presets/<name>.yaml.
+    root = resources.files("tokenprune").joinpath("presets")
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            registry.add(entry.name.removesuffix(".yaml"), Path(str(entry)))
 
 
 @hookimpl(trylast=True)

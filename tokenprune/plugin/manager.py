@@ -17,7 +17,7 @@ import pluggy
 from tokenprune.errors import AdapterError, PluginError, RegistrationError
 from tokenprune.plugin import spec
 from tokenprune.plugin.builtin import BUILTIN_PLUGINS
-from tokenprune.registry import AdapterRegistry, StageRegistry, provider_of
+from tokenprune.registry import AdapterRegistry, PresetRegistry, StageRegistry, provider_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,7 +58,7 @@ def _env_flag(name: str) -> bool:
 
 
 class Runtime:
-    """A plugin manager with its own stage and adapter registries.
+    """A plugin manager with its own stage, adapter and preset registries.
 
     Discovery order: the built-in plugin, then entry points of the group ``tokenprune``
     (unless disabled), then the plugins named here or in a config's ``plugins:`` list. Each
@@ -71,8 +71,8 @@ class Runtime:
 
     Examples:
         >>> rt = Runtime(autoload=False)
-        >>> rt.stages.names("selector")
-        ['topk']
+        >>> "topk" in rt.stages.names("selector")
+        True
     """
 
     def __init__(
@@ -86,6 +86,7 @@ class Runtime:
         self.pm.add_hookspecs(spec)
         self.stages = StageRegistry()
         self.adapters = AdapterRegistry()
+        self.presets = PresetRegistry()
         self.plugins: list[PluginInfo] = []
         self.failures: list[PluginError] = []
         self._config_model: tuple[tuple[Any, ...], type[PipelineConfig]] | None = None
@@ -95,6 +96,7 @@ class Runtime:
         # own, so its parts are attributed to it and a failure cannot affect the others.
         self.pm.hook.tokenprune_register_stages.call_historic(kwargs={"registry": self.stages})
         self.pm.hook.tokenprune_register_adapters.call_historic(kwargs={"registry": self.adapters})
+        self.pm.hook.tokenprune_register_presets.call_historic(kwargs={"registry": self.presets})
         for name, module in BUILTIN_PLUGINS.items():
             self._register(importlib.import_module(module), name, "builtin")
         if autoload if autoload is not None else not _env_flag(ENV_DISABLE_AUTOLOAD):
@@ -145,10 +147,12 @@ class Runtime:
     def _register(
         self, plugin: object, name: str, source: str, provider: str | None = None
     ) -> None:
+        module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
         if provider is None:
-            module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
             provider = provider_of(module)
-        self.stages.current_plugin = self.adapters.current_plugin = name
+        registries = (self.stages, self.adapters, self.presets)
+        for registry in registries:
+            registry.current_plugin, registry.current_module = name, module
         try:
             self.pm.register(plugin, name=name)
         except RegistrationError:
@@ -159,7 +163,8 @@ class Runtime:
             self._fail(name, provider, exc)
             return
         finally:
-            self.stages.current_plugin = self.adapters.current_plugin = "<unknown>"
+            for registry in registries:
+                registry.current_plugin = registry.current_module = "<unknown>"
         self.plugins.append(PluginInfo(name, provider, source))
 
     def _unregister(self, plugin: object, name: str) -> None:
@@ -167,6 +172,7 @@ class Runtime:
             self.pm.unregister(plugin, name=name)
         self.stages.drop_plugin(name)
         self.adapters.drop_plugin(name)
+        self.presets.drop_plugin(name)
 
     def _fail(self, name: str, provider: str, exc: Exception) -> None:
         error = PluginError(
@@ -218,7 +224,10 @@ class Runtime:
         return parse_config(data, self)
 
     def load_config(self, path: str | Path) -> PipelineConfig:
-        """Read and validate a YAML, TOML or JSON pipeline config file."""
+        """Read and validate a config: a YAML/TOML/JSON file, a saved directory or a preset name.
+
+        See :func:`tokenprune.config.load_config`.
+        """
         from tokenprune.config import load_config
 
         return load_config(path, self)

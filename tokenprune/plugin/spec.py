@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tokenprune.adapters.base import ModelAdapter
     from tokenprune.context import PruneContext
     from tokenprune.pipeline import Pipeline
-    from tokenprune.registry import AdapterRegistry, StageRegistry
+    from tokenprune.registry import AdapterRegistry, PresetRegistry, StageRegistry
     from tokenprune.types import PrunedTokens
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
@@ -61,6 +61,21 @@ def tokenprune_register_adapters(registry: AdapterRegistry) -> None:
 
     Args:
         registry: The runtime's adapter registry.
+    """
+
+
+@hookspec(historic=True)
+def tokenprune_register_presets(registry: PresetRegistry) -> None:
+    """Register named pipeline configurations (presets).
+
+    Called once per runtime for every plugin, including later ones (historic). Call
+    ``registry.add(name, mapping_or_path)`` for each preset; a name that is already taken raises
+    :class:`~tokenprune.errors.RegistrationError`. A preset is validated when it is used, so it
+    may name the stages of the plugin that registers it. ``tokenprune.apply(model, name)`` and
+    ``Runtime.load_config(name)`` accept a preset name wherever a config file is accepted.
+
+    Args:
+        registry: The runtime's preset registry.
     """
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tokenprune.capabilities import Capability
 from tokenprune.context import PruneContext
@@ -84,7 +84,13 @@ class Stage(ABC, Generic[ConfigT]):
         if config is not None and overrides:
             raise ConfigError(f"{type(self).__name__}: pass either a config or keyword fields")
         if config is None:
-            config = self.Config(name=self.name, **overrides)  # type: ignore[assignment]
+            try:
+                config = self.Config(name=self.name, **overrides)  # type: ignore[assignment]
+            except ValidationError as err:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+                )
+                raise ConfigError(f"{type(self).__name__}: invalid options: {problems}") from None
         if not isinstance(config, self.Config):
             raise ConfigError(
                 f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}"

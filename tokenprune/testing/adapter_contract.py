@@ -540,9 +540,10 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
 
     Checked: the hook dicts of every submodule and the instance attributes (``__dict__`` keys)
     of every submodule equal the originals (taken after one unpruned call, so hooks the model
-    installs lazily on its first call count as original); while installed, a failing call leaves exactly the
-    installation's hooks (no temporary hook survives); the error reaches the caller; and after
-    removal ``forward`` (and ``generate``) give the outputs of a model that was never pruned.
+    installs lazily on its first call count as original); while installed, a failing call
+    leaves exactly the installation's hooks (no temporary hook survives); the error reaches the
+    caller; and after removal ``forward`` (and ``generate``) give the outputs of a model that
+    was never pruned.
 
     Raises:
         AdapterContractError: If anything is left behind or the outputs differ.

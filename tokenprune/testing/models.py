@@ -102,7 +102,7 @@ def llava_prompts(
     Examples:
         >>> batch = llava_prompts(tiny_llava(), [(2, 3), (1, 5)])
         >>> tuple(batch["input_ids"].shape), tuple(batch["pixel_values"].shape)
-        ((2, 24), (2, 3, 32, 32))
+        ((2, 23), (2, 3, 32, 32))
     """
     config = model.config
     n = (config.vision_config.image_size // config.vision_config.patch_size) ** 2

@@ -753,6 +753,19 @@ def train_qa_stage(
             t0 = time.time()
 
 
+def training_answer_histogram(recipe: Recipe, steps: int = 50) -> dict[str, dict[str, int]]:
+    """Return per-family answer histograms of the first ``steps`` stage-c steps (no rendering)."""
+    hist: dict[str, Counter[str]] = {f: Counter() for f in task.FAMILIES}
+    for step in range(steps):
+        for i in range(recipe.images_per_step):
+            idx = 10_000_000 + step * recipe.images_per_step + i
+            scene, _ = task.train_scene(recipe.seed, idx)
+            qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, idx)
+            for q in task.training_questions(scene, qrng, recipe.questions_per_image):
+                hist[q.family][q.answer] += 1
+    return {f: dict(c.most_common(10)) for f, c in hist.items()}
+
+
 def stage_groups(
     name: str, idx: list[int], step: int, recipe: Recipe
 ) -> list[list[tuple[str, str]]]:
@@ -1036,6 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     train_qa_stage("b", vlm, projector, recipe, run_dir, log, val)
     lora = add_lora(vlm, recipe)
+    log(f"stage c: training answer histogram (first 50 steps): {training_answer_histogram(recipe)}")
     log(
         f"stage c: LoRA r={recipe.lora_r} on {LORA_TARGETS}: "
         f"{sum(p.numel() for p in lora) / 1e6:.2f} M params"

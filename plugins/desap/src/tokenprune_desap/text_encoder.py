@@ -130,19 +130,34 @@ class PairedTextEncoder:
     def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> PairedTextEncoder:
         """Load ``CLIPModel`` and its tokenizer from a hub id or a local directory.
 
+        Weights are read from ``.safetensors`` files only (``use_safetensors=True``): a
+        checkpoint that has only pickle files (``pytorch_model.bin``) is refused, since
+        unpickling can run arbitrary code.
+
+        Args:
+            name_or_path: Hub id or local directory of the CLIP checkpoint.
+            **kwargs: Passed on to ``CLIPModel.from_pretrained`` (``dtype``, ``revision``, ...).
+
         Raises:
-            ConfigError: If loading fails; the message names the setting to change.
+            ConfigError: If loading fails (missing, damaged or truncated files, pickle-only
+                weights); the message names the setting to change.
         """
         from transformers import AutoTokenizer, CLIPModel
 
+        if kwargs.pop("use_safetensors", True) is not True:
+            raise ConfigError(
+                "desap loads the text encoder from .safetensors files only; do not pass "
+                "use_safetensors=False (convert the checkpoint to safetensors instead)"
+            )
         try:
-            clip = CLIPModel.from_pretrained(name_or_path, **kwargs)
+            clip = CLIPModel.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # OSError, ValueError, safetensors' own error on a bad file
             raise ConfigError(
                 f"desap `text_encoder`={name_or_path!r} cannot be loaded as a CLIPModel with a "
-                f"tokenizer ({exc}); give the hub id or local directory of the CLIP checkpoint "
-                "the VLM's vision tower comes from"
+                f"tokenizer from safetensors weights ({type(exc).__name__}: {exc}); give the hub "
+                "id or local directory of the CLIP checkpoint the VLM's vision tower comes from, "
+                "with intact model.safetensors and tokenizer files"
             ) from exc
         max_length = int(getattr(clip.config.text_config, "max_position_embeddings", 77))
         return cls(clip, tokenizer, max_length=max_length)
@@ -200,8 +215,9 @@ class PairedTextEncoder:
         """
         if any(not t.strip() for t in texts):
             raise CapabilityError(
-                "desap got an empty question; text-guided pruning needs the user's question in "
-                "tokenprune_query"
+                "desap got an empty question (a blank tokenprune_query string); text-guided "
+                "pruning needs the user's question: pass it in tokenprune_query, one non-empty "
+                "string per prompt"
             )
         param = next(self.clip.parameters())
         batch = self.tokenizer(
