@@ -8,7 +8,7 @@ import os
 # leaves the second core to pytest-xdist's second worker. Set before torch starts its pool.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 

@@ -45,12 +45,12 @@ REPEATS, WARMUP, NEW = 3, 1, 3
 
 
 @pytest.fixture(scope="module")
-def model() -> nn.Module:
+def model() -> Any:
     return build_preset("tiny")
 
 
 @pytest.fixture(scope="module")
-def traced(model: nn.Module) -> tuple[BenchResult, list[int]]:
+def traced(model: Any) -> tuple[BenchResult, list[int]]:
     """One benchmark run, plus the prefill lengths the language model saw, in call order."""
     lengths: list[int] = []
 
@@ -265,7 +265,7 @@ def test_cache_nbytes() -> None:
 # -- inputs and presets -------------------------------------------------------------------------
 
 
-def test_make_inputs_layout(model: nn.Module) -> None:
+def test_make_inputs_layout(model: Any) -> None:
     batch = make_inputs(model, text_tokens=7, batch_size=3)
     ids = batch["input_ids"]
     assert tuple(ids.shape) == (3, FULL + 7)
@@ -279,7 +279,7 @@ def test_make_inputs_layout(model: nn.Module) -> None:
 def test_presets() -> None:
     assert list_presets() == ["tiny", "real-shaped"]
     assert preset_visual_tokens("real-shaped") == 576
-    bf16 = build_preset("tiny", dtype=torch.bfloat16, lm_layers=1)
+    bf16: Any = build_preset("tiny", dtype=torch.bfloat16, lm_layers=1)
     assert next(bf16.parameters()).dtype == torch.bfloat16
     assert bf16.config.text_config.num_hidden_layers == 1
     assert bf16.config.text_config._attn_implementation == "sdpa"

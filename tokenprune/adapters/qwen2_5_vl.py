@@ -6,7 +6,8 @@ Policy:
   tower's 2x2 patch merger (one token per 2x2 group of 14-pixel patches), in the raster order of
   the merged grid. Images of any resolution (``image_grid_thw``), several per prompt, batches
   with padding. Each image keeps ``pipeline.budget(N_i)`` of its ``N_i = t*h*w/4`` tokens, so
-  the budget (count or ratio) applies per image; images with the same grid are scored together.
+  the budget applies per image (a count ``keep`` is capped at ``N_i``); images with the same
+  grid are scored together.
 - **Seams:** a forward pre-hook on the model and a per-instance ``generate`` wrapper. Both run
   the tower through the public ``get_image_features`` with temporary block pre-hooks (capturing
   the block input, ``cu_seqlens`` and rotary ``position_embeddings``), run the pipeline, pass the
@@ -14,7 +15,7 @@ Policy:
   ``mm_token_type_ids`` and ``labels`` to ``K_i`` placeholders per image.
 - **Positions (mRoPE):** the 3-D (t, h, w) positions are computed on the unpruned layout with the
   model's own ``get_rope_index`` and gathered for the kept tokens, so every kept token keeps its
-  original position and the text after an image keeps its original position too. They are
+  original (t, h, w) position. They are
   passed explicitly (``(3, B, L')`` to ``forward``, ``(4, B, L')`` with the text-position row to
   ``generate``, which continues each row with ``last + 1``); ``model.model.rope_deltas`` is set
   to the pruned layout's deltas, as the model would after a prefill. mRoPE positions encode the
@@ -306,7 +307,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801 - named after the model cla
                 handle.remove()
 
         features: list[torch.Tensor] = list(output.pooler_output)
-        layout = _Layout(self, grid)
+        layout = _Layout(self, grid) if captured else None
         capabilities = self.capabilities - (
             frozenset() if text is not None and text.texts is not None else {Capability.TEXT_QUERY}
         )
@@ -318,12 +319,17 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801 - named after the model cla
         for (t, h, w), images in groups.items():
             feats = torch.stack([features[i] for i in images])
             merged = (h // self._merge, w // self._merge)
+            vision_blocks = {
+                i: layout.block(i, blocks[i], c, images)
+                for i, c in captured.items()
+                if layout is not None
+            }
             ctx = PruneContext(
                 visual=VisualTokens(feats, grid=merged if t == 1 else None),
                 keep=self.budget(pipeline, feats.shape[1]),
                 capabilities=capabilities,
                 text=_select_text(text, images),
-                blocks={i: layout.block(i, blocks[i], c, images) for i, c in captured.items()},
+                blocks=vision_blocks,
                 num_layers=len(blocks),
                 projector=_identity,
             )

@@ -414,7 +414,7 @@ class _Clock:
 
     def mark(self) -> Mark:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             event.record()
             return event
         return time.perf_counter()
@@ -600,7 +600,7 @@ def make_inputs(
 
     Each row is ``[BOS]``, up to 4 random text tokens, the ``N`` image placeholders, then the
     remaining random text tokens: ``text_tokens`` non-image tokens in all (BOS included), as a
-    chat template would lay out ``USER: <image>\\n<question> ASSISTANT:``. No padding.
+    chat template would lay out ``USER: <image> <question> ASSISTANT:``. No padding.
 
     Args:
         model: A ``LlavaForConditionalGeneration``.

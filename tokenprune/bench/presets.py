@@ -233,8 +233,12 @@ def build_preset(
         (1, 256)
     """
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     preset = _get_preset(name)
     text = dict(preset.text)

@@ -14,7 +14,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     from tokenprune import __version__
-    from tokenprune.cli import _config, _demo, _eval, _list, _viz
+    from tokenprune.cli import _bench, _config, _demo, _eval, _flops, _list, _toy, _viz
 
     parser = argparse.ArgumentParser(
         prog="tokenprune",
@@ -30,25 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load this plugin module too (repeatable)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = [_list, _config, _demo, _eval, _viz]
-    try:
-        from tokenprune.cli import _flops
-
-        modules.append(_flops)
-    except ImportError:  # pragma: no cover - optional subcommand module absent
-        pass
-    try:
-        from tokenprune.cli import _bench
-
-        modules.append(_bench)
-    except ImportError:  # pragma: no cover - optional subcommand module absent
-        pass
-    try:
-        from tokenprune.cli import _toy
-
-        modules.append(_toy)
-    except ImportError:  # pragma: no cover
-        pass
+    modules = [_list, _config, _demo, _eval, _viz, _flops, _bench, _toy]
     for module in modules:
         module.register(sub)
     return parser

@@ -94,17 +94,14 @@ def run(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise SystemExit("error: --num-processes must be at least 1")
     if args.num_processes > 1 and not launched():
-        import torch
-
-        cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
-        return launch(_child_argv(args), args.num_processes, cpu=cpu)
+        return launch(_child_argv(args), args.num_processes)
 
     from tokenprune.cli._common import runtime_from_args
     from tokenprune.eval.models import load_eval_model
     from tokenprune.eval.runner import EvalSpec, load_pipeline_spec, parse_budgets, run_eval
     from tokenprune.eval.tasks import get_task
 
-    process = current_process()
+    process = current_process(cpu=True if (args.device or "").startswith("cpu") else None)
     runtime = runtime_from_args(args)
     spec = EvalSpec(
         task=get_task(args.task),

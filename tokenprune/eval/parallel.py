@@ -73,19 +73,24 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def current_process() -> ProcessInfo:
+def current_process(*, cpu: bool | None = None) -> ProcessInfo:
     """Describe this process: a real distributed group under a launcher, else a single process.
 
-    Under a launcher the process group is initialised through ``accelerate.PartialState`` (gloo on
-    CPU, NCCL on GPUs) and ``barrier`` is its ``wait_for_everyone``.
-    """
-    if not launched():
-        import torch
+    Under a launcher the process group is initialised through ``accelerate.PartialState`` (gloo
+    on CPU, NCCL on GPUs) and ``barrier`` is its ``wait_for_everyone``.
 
-        return ProcessInfo(device="cuda" if torch.cuda.is_available() else "cpu")
+    Args:
+        cpu: Use CPU processes (gloo) even if GPUs are visible; default: only without CUDA.
+    """
+    import torch
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if not launched():
+        return ProcessInfo(device="cpu" if cpu else "cuda")
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=cpu)
     return ProcessInfo(
         index=state.process_index,
         count=state.num_processes,
@@ -192,13 +197,16 @@ def merge_results(out_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-def launch(argv: Iterable[str], num_processes: int, *, cpu: bool) -> int:
+def launch(argv: Iterable[str], num_processes: int) -> int:
     """Run ``python -m tokenprune ARGV`` in ``num_processes`` processes with ``accelerate launch``.
+
+    Uses accelerate's torchrun-based launcher (``--multi_gpu``), which starts the processes on
+    CPU-only machines too; each worker then picks CPU (gloo) or its GPU in
+    :func:`current_process`. (``accelerate launch --cpu`` would start a single process.)
 
     Args:
         argv: Command-line arguments of ``tokenprune`` (global options, then the subcommand).
-        num_processes: Number of processes.
-        cpu: Force CPU processes (``--cpu``); otherwise accelerate uses one GPU per process.
+        num_processes: Number of processes (at least 2).
 
     Returns:
         The launcher's exit status.
@@ -207,6 +215,7 @@ def launch(argv: Iterable[str], num_processes: int, *, cpu: bool) -> int:
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        "--multi_gpu",
         "--num_processes",
         str(num_processes),
         "--num_machines",
@@ -215,7 +224,6 @@ def launch(argv: Iterable[str], num_processes: int, *, cpu: bool) -> int:
         "no",
         "--dynamo_backend",
         "no",
-        *(["--cpu"] if cpu else []),
         "-m",
         "tokenprune",
         *argv,

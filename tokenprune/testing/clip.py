@@ -54,7 +54,7 @@ def word_tokenizer(words: Iterable[str] = DEFAULT_WORDS) -> Any:
 
 
 def tiny_paired_clip(
-    llava: torch.nn.Module,
+    llava: Any,
     *,
     paired: bool = True,
     save_to: str | Path | None = None,

@@ -22,7 +22,7 @@ def tiny_llava(
     layers: int = 2,
     seed: int = 0,
     attn_implementation: str = "sdpa",
-) -> torch.nn.Module:
+) -> Any:
     """A tiny ``LlavaForConditionalGeneration`` (CLIP tower + Llama LM), in eval mode.
 
     ``vision_feature_layer=-2`` and the ``default`` select strategy, as LLaVA-1.5; image token
@@ -41,8 +41,12 @@ def tiny_llava(
         >>> type(m).__name__, m.config.vision_config.image_size
         ('LlavaForConditionalGeneration', 32)
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers import LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     vision = CLIPVisionConfig(
         hidden_size=hidden,
@@ -68,7 +72,7 @@ def tiny_llava(
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
+        image_token_id=IMAGE_TOKEN_ID,  # type: ignore[call-arg]  # transformers 5.x name
         image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -81,7 +85,7 @@ def tiny_llava(
 
 
 def llava_prompts(
-    model: torch.nn.Module,
+    model: Any,
     text_lengths: list[tuple[int, int]],
     *,
     images_per_row: list[int] | None = None,
