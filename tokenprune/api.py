@@ -101,10 +101,12 @@ def save_pipeline(
         ...     tokenprune.load_pipeline_config(model_dir).keep, path.name
         (8, 'tokenprune.json')
     """
-    config: PipelineConfig | Mapping[str, Any] = pipeline_or_config
+    config: PipelineConfig | Mapping[str, Any]
     if isinstance(pipeline_or_config, Pipeline):
         runtime = runtime or pipeline_or_config.runtime
         config = pipeline_or_config.config or _pipeline_dict(pipeline_or_config)
+    else:
+        config = pipeline_or_config
     if not isinstance(config, PipelineConfig):
         if not isinstance(config, Mapping):
             raise ConfigError(

@@ -75,6 +75,7 @@ __all__ = [
     "Variant",
     "VariantStats",
     "cache_nbytes",
+    "cpu_bf16_native",
     "format_result",
     "make_inputs",
     "peak_rss_bytes",
@@ -667,12 +668,28 @@ def peak_rss_bytes() -> int | None:
     return peak if platform.system() == "Darwin" else peak * 1024
 
 
+def cpu_bf16_native() -> bool | None:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX).
+
+    Without it, bfloat16 matmuls are emulated and can be two orders of magnitude slower than
+    float32, which would make a bfloat16 benchmark measure the emulation.
+
+    Returns:
+        ``True``/``False``, or ``None`` when this torch build cannot tell.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
+        return None
+
+
 def _describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({platform.machine()}, {platform.processor() or 'unknown cpu'})".replace(
-        ", unknown cpu", ""
-    )
+    native = cpu_bf16_native()
+    bf16 = "unknown" if native is None else "native" if native else "emulated"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{device} ({platform.machine()}, {capability}, bfloat16 {bf16})"
 
 
 def _describe_shape(shape: VLMShape) -> tuple[str, str]:

@@ -249,14 +249,14 @@ def build_preset(
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**preset.vision),
         text_config=LlamaConfig(**text),
-        image_token_id=preset.image_token_id,
+        image_token_index=preset.image_token_id,
         image_seq_length=preset_visual_tokens(name),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model: nn.Module = LlavaForConditionalGeneration._from_config(
+        model: nn.Module = LlavaForConditionalGeneration._from_config(  # type: ignore[no-untyped-call]
             copy.deepcopy(config),
             attn_implementation=ATTN_IMPLEMENTATION,
             dtype=dtype or torch.float32,

@@ -234,7 +234,12 @@ def _log(message: str) -> None:
 def _run(args: argparse.Namespace) -> str:
     import torch
 
-    from tokenprune.bench.latency import format_result, make_inputs, run_benchmark
+    from tokenprune.bench.latency import (
+        cpu_bf16_native,
+        format_result,
+        make_inputs,
+        run_benchmark,
+    )
     from tokenprune.bench.presets import (
         build_preset,
         load_pretrained,
@@ -249,6 +254,12 @@ def _run(args: argparse.Namespace) -> str:
     dtype = resolve_dtype(args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_native() is False:
+        _log(
+            "warning: this CPU has no native bfloat16 (no AVX512-BF16/AMX; capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); bfloat16 matmuls are emulated and can "
+            "be 100x slower than float32, so the timings measure the emulation"
+        )
     runtime = runtime_from_args(args)
     config = _pipeline_config(args, runtime)
     if args.preset is not None:  # check the budget before a minute of random initialisation

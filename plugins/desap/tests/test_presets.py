@@ -67,3 +67,9 @@ def test_qwen_presets_use_received_attention_and_llm_embeddings(runtime: Runtime
 def test_unknown_preset_lists_the_available_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown DeSAP preset 'llava-1\.5-32'.*llava-1\.5-64"):
         presets.path("llava-1.5-32")
+
+
+def test_presets_are_registered_with_the_runtime(runtime: Runtime) -> None:
+    for name in BUDGETS:
+        assert f"desap-{name}" in runtime.presets
+        assert runtime.presets.get(f"desap-{name}") == presets.path(name)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from tokenprune.plugin import hookimpl
 from tokenprune_desap import presets
@@ -11,33 +10,24 @@ from tokenprune_desap.merger import NearestMerger
 from tokenprune_desap.scorer import DesapScorer
 from tokenprune_desap.selector import DesapJointSelector
 
+if TYPE_CHECKING:
+    from tokenprune.plugin import PresetRegistry, StageRegistry
+
 __all__ = ["PRESET_PREFIX", "tokenprune_register_presets", "tokenprune_register_stages"]
 
 PRESET_PREFIX = "desap-"
 """Prefix of the DeSAP presets in a runtime's preset registry (``desap-llava-1.5-64``)."""
 
 
-class _StageRegistry(Protocol):
-    """The part of tokenprune's stage registry this plugin uses (``registry.add``)."""
-
-    def add(self, stage: type[Any], /) -> None: ...
-
-
-class _PresetRegistry(Protocol):
-    """The part of tokenprune's preset registry this plugin uses (``registry.add``)."""
-
-    def add(self, name: str, preset: Path, /) -> None: ...
-
-
 @hookimpl
-def tokenprune_register_stages(registry: _StageRegistry) -> None:
+def tokenprune_register_stages(registry: StageRegistry) -> None:
     """Register the DeSAP scorer, joint selector and nearest-neighbour merger."""
     for stage in (DesapScorer, DesapJointSelector, NearestMerger):
         registry.add(stage)
 
 
 @hookimpl
-def tokenprune_register_presets(registry: _PresetRegistry) -> None:
+def tokenprune_register_presets(registry: PresetRegistry) -> None:
     """Register the paper's settings (:mod:`tokenprune_desap.presets`) as ``desap-<name>``."""
     for name in presets.available():
         registry.add(f"{PRESET_PREFIX}{name}", presets.path(name))
