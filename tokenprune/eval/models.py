@@ -222,7 +222,9 @@ def hf_eval_model(
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(name_or_path))
-        model = AutoModelForImageTextToText.from_pretrained(str(name_or_path), dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(name_or_path), dtype=dtype, use_safetensors=True
+        )
     except (OSError, ValueError) as exc:
         raise EvalModelError(f"cannot load {str(name_or_path)!r} as a VLM: {exc}") from exc
     module = _to_device(model, device)

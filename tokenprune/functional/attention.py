@@ -59,9 +59,18 @@ def cls_attention(
     if c % num_heads:
         raise ShapeError(f"hidden width {c} is not divisible by num_heads={num_heads}")
     head_dim = c // num_heads
-    q = q_proj(normed[:, :1]).float().view(b, 1, num_heads, head_dim).transpose(1, 2)
-    k = k_proj(normed).float().view(b, t, num_heads, head_dim).transpose(1, 2)
-    logits = (q @ k.transpose(-1, -2)) * head_dim**-0.5  # (B, H, 1, T)
-    attn = logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
+    q = q_proj(normed[:, :1]).float().view(b, num_heads, head_dim)
+    if isinstance(k_proj, torch.nn.Linear) and k_proj.out_features == c:
+        # Fold the key projection into the query: q_h . (W_h x + b_h) = (W_h^T q_h) . x + q_h . b_h,
+        # O(T C H) instead of projecting every token (O(T C^2)).
+        weight = k_proj.weight.float().view(num_heads, head_dim, -1)
+        folded = torch.einsum("bhd,hdc->bhc", q, weight)
+        logits = torch.einsum("btc,bhc->bht", normed.float(), folded)
+        if k_proj.bias is not None:
+            logits = logits + (q * k_proj.bias.float().view(num_heads, head_dim)).sum(-1)[..., None]
+    else:
+        k = k_proj(normed).float().view(b, t, num_heads, head_dim)
+        logits = torch.einsum("bhd,bthd->bht", q, k)
+    attn = (logits * head_dim**-0.5).softmax(dim=-1)[:, :, num_prefix_tokens:]
     result: torch.Tensor = attn.mean(dim=1)
     return result

@@ -348,7 +348,7 @@ def load_default_clip(assets: Path = ASSETS) -> tuple[CLIPModel, PreTrainedToken
     Returns:
         ``(clip_model, clip_tokenizer)`` in eval mode.
     """
-    model = CLIPModel.from_pretrained(assets / "clip").eval()
+    model = CLIPModel.from_pretrained(assets / "clip", use_safetensors=True).eval()
     return model, PreTrainedTokenizerFast.from_pretrained(assets / "clip")
 
 

@@ -295,11 +295,12 @@ def decoupled_attention(
             f"encoding {encoding!r} needs equal per-head widths, got {a.shape[-1]} and "
             f"{b.shape[-1]}"
         )
-    b_t = b.transpose(-1, -2) * a.shape[-1] ** -0.5
     step = tokens if chunk_size is None else chunk_size
+    # softmax(a b^T / sqrt(d)) v through the fused SDPA kernel (one query chunk at a time when
+    # chunk_size is set), so the (B, H, T, T) map is never materialised in Python.
     context = torch.cat(  # (B, H, T, d_v); loop over chunks of query rows, not tokens
         [
-            torch.softmax(a[:, :, start : start + step] @ b_t, dim=-1) @ v
+            torch.nn.functional.scaled_dot_product_attention(a[:, :, start : start + step], b, v)
             for start in range(0, tokens, step)
         ],
         dim=2,
