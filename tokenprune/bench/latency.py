@@ -415,7 +415,7 @@ class _Clock:
 
     def mark(self) -> Mark:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()

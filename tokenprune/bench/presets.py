@@ -256,7 +256,7 @@ def build_preset(
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model: nn.Module = LlavaForConditionalGeneration._from_config(  # type: ignore[no-untyped-call]
+        model: nn.Module = LlavaForConditionalGeneration._from_config(
             copy.deepcopy(config),
             attn_implementation=ATTN_IMPLEMENTATION,
             dtype=dtype or torch.float32,
