@@ -1078,8 +1078,8 @@ def format_result(result: BenchResult) -> str:
         f"- model: {setup.model}" + (f" ({setup.description})" if setup.description else ""),
         f"- shapes: vision {setup.vision_shape}; LM {setup.lm_shape}; "
         f"{setup.parameters / 1e6:.1f} M parameters",
-        f"- device {setup.device}, dtype {setup.dtype}, {setup.threads} threads, attention "
-        f"{setup.attn_implementation} in both variants",
+        f"- device {setup.device}, dtype {setup.dtype}, torch threads {setup.threads}, "
+        f"attention {setup.attn_implementation} in both variants",
         f"- batch {setup.batch_size}, {setup.text_tokens} text tokens + 1 image "
         f"({setup.full_visual_tokens} -> {setup.kept_visual_tokens} visual tokens), "
         f"{setup.new_tokens} new tokens (greedy)",
