@@ -703,7 +703,7 @@ def train_qa_stage(
     vlm.model.train()
     running: Counter[str] = Counter()
     bar = tqdm(range(step, steps), desc=f"stage {name}", initial=step, total=steps)
-    t0 = time.time()
+    t0, timed, accumulated = time.time(), 0, 0
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 30 if name == "b" else 60)
@@ -718,16 +718,17 @@ def train_qa_stage(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running.update(stats)
+        timed, accumulated = timed + 1, accumulated + 1
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
         done = step + 1
         if done % 25 == 0:
             log(
                 f"stage {name} step {done}: "
-                + ", ".join(f"{k} {v / 25:.4f}" for k, v in running.items())
-                + f" | {(time.time() - t0) / 25:.2f} s/step"
+                + ", ".join(f"{k} {v / accumulated:.4f}" for k, v in running.items())
+                + f" | {(time.time() - t0) / timed:.2f} s/step"
             )
             running.clear()
-            t0 = time.time()
+            t0, timed, accumulated = time.time(), 0, 0
         if done % recipe.eval_every == 0 or done == steps:
             result = score(val, generate_answers(vlm, val))
             log(f"stage {name} step {done} validation: {json.dumps(result)}")
@@ -750,7 +751,7 @@ def train_qa_stage(
                 ckpt,
             )
             vlm.model.train()
-            t0 = time.time()
+            t0, timed = time.time(), 0
 
 
 def training_answer_histogram(recipe: Recipe, steps: int = 50) -> dict[str, dict[str, int]]:
