@@ -375,6 +375,20 @@ def test_cli_table_with_pipeline_file(tmp_path: Any, capsys: pytest.CaptureFixtu
     assert "prefill speedup" in out
 
 
+def test_cli_loads_a_checkpoint(
+    model: Any, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model.save_pretrained(tmp_path / "ckpt")
+    argv = ["--model", str(tmp_path / "ckpt"), "--keep", "8", "--repeats", "1", "--warmup", "0"]
+    assert main(["bench", *argv, "--new-tokens", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["setup"]["model"] == str(tmp_path / "ckpt")
+    assert data["pruned"]["lm_prefill_tokens"] == 8 + TEXT
+    assert data["setup"]["attn_implementation"] == "sdpa"
+    assert main(["bench", "--model", str(tmp_path)]) == 2  # no config.json there
+    assert "could not load model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

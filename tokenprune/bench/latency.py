@@ -415,7 +415,8 @@ class _Clock:
 
     def mark(self) -> Mark:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            cuda: Any = torch.cuda  # Event's constructor is untyped
+            event: torch.cuda.Event = cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()

@@ -256,7 +256,8 @@ def build_preset(
     )
     torch.manual_seed(seed)
     with torch.device(device):
-        model: nn.Module = LlavaForConditionalGeneration._from_config(
+        llava: Any = LlavaForConditionalGeneration  # _from_config is untyped
+        model: nn.Module = llava._from_config(
             copy.deepcopy(config),
             attn_implementation=ATTN_IMPLEMENTATION,
             dtype=dtype or torch.float32,
