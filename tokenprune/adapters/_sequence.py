@@ -6,9 +6,9 @@ Model-independent: works on ``input_ids`` with runs of an image placeholder toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -89,6 +89,26 @@ class ShrunkInputs:
     labels: torch.Tensor | None
     position_ids: torch.Tensor | None
     kept_columns: list[torch.Tensor]
+
+    def apply(
+        self, kwargs: Mapping[str, Any], *, drop: Iterable[str], encoder_outputs: Any
+    ) -> dict[str, Any]:
+        """The call's keyword arguments with the pruned batch written in.
+
+        ``drop`` names the raw vision inputs that ``encoder_outputs`` replaces (passed on as
+        ``mm_encoder_outputs``); ``position_ids`` are set, or removed when the model derives them.
+        """
+        out = {k: v for k, v in kwargs.items() if k not in set(drop)}
+        out["mm_encoder_outputs"] = encoder_outputs
+        out["input_ids"] = self.input_ids
+        out["attention_mask"] = self.attention_mask
+        if self.labels is not None:
+            out["labels"] = self.labels
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        else:
+            out.pop("position_ids", None)
+        return out
 
 
 def shrink_inputs(

@@ -179,18 +179,7 @@ class LlavaAdapter(ModelAdapter):
             labels=kwargs.get("labels"),
             pad_token_id=_pad_id(self._config, input_ids, attention_mask),
         )
-        out = dict(kwargs)
-        out.pop("pixel_values")
-        out["mm_encoder_outputs"] = {"image": features}
-        out["input_ids"] = shrunk.input_ids
-        out["attention_mask"] = shrunk.attention_mask
-        if shrunk.labels is not None:
-            out["labels"] = shrunk.labels
-        if shrunk.position_ids is not None:
-            out["position_ids"] = shrunk.position_ids
-        else:
-            out.pop("position_ids", None)
-        return out
+        return shrunk.apply(kwargs, drop=("pixel_values",), encoder_outputs={"image": features})
 
     def _text(
         self,

@@ -501,19 +501,9 @@ class LlavaNextAdapter(ModelAdapter):
             labels=kwargs.get("labels"),
             pad_token_id=pad_token_id(self._config, input_ids, attention_mask),
         )
-        out = dict(kwargs)
-        out.pop("pixel_values")
-        out.pop("image_sizes", None)
-        out["mm_encoder_outputs"] = {"image": features}
-        out["input_ids"] = shrunk.input_ids
-        out["attention_mask"] = shrunk.attention_mask
-        if shrunk.labels is not None:
-            out["labels"] = shrunk.labels
-        if shrunk.position_ids is not None:
-            out["position_ids"] = shrunk.position_ids
-        else:
-            out.pop("position_ids", None)
-        return out
+        return shrunk.apply(
+            kwargs, drop=("pixel_values", "image_sizes"), encoder_outputs={"image": features}
+        )
 
     def _text(
         self,

@@ -217,19 +217,11 @@ class VideoLlavaAdapter(ModelAdapter):
             labels=kwargs.get("labels"),
             pad_token_id=pad_token_id(self._config, input_ids, attention_mask),
         )
-        out = dict(kwargs)
-        for key in ("pixel_values", "pixel_values_images", "pixel_values_videos"):
-            out.pop(key, None)
-        out["mm_encoder_outputs"] = encoded
-        out["input_ids"] = shrunk.input_ids
-        out["attention_mask"] = shrunk.attention_mask
-        if shrunk.labels is not None:
-            out["labels"] = shrunk.labels
-        if shrunk.position_ids is not None:
-            out["position_ids"] = shrunk.position_ids
-        else:
-            out.pop("position_ids", None)
-        return out
+        return shrunk.apply(
+            kwargs,
+            drop=("pixel_values", "pixel_values_images", "pixel_values_videos"),
+            encoder_outputs=encoded,
+        )
 
     def _text(
         self,
