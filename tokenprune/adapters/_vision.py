@@ -9,10 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenprune.capabilities import Capability
 from tokenprune.context import VisionBlock
 from tokenprune.errors import AdapterError
+from tokenprune.types import TextTokens
 
-__all__ = ["capture_block_inputs", "clip_blocks", "clip_vision_block", "text_tokens_for_images"]
+__all__ = [
+    "capture_block_inputs",
+    "clip_blocks",
+    "clip_vision_block",
+    "prompt_text",
+    "text_tokens_for_images",
+]
 
 
 def clip_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -97,3 +105,31 @@ def text_tokens_for_images(
         mask[row, :n] = True
     rows = torch.tensor(list(image_rows), device=input_ids.device, dtype=torch.long)
     return embed(ids[rows]), mask[rows]
+
+
+def prompt_text(
+    requires: frozenset[Capability],
+    embed: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    rows: Sequence[int],
+    queries: tuple[str, ...] | None,
+) -> TextTokens | None:
+    """The prompt of each image for the stages: its question and, if required, its embeddings.
+
+    Args:
+        requires: The pipeline's required capabilities (embeddings only with ``text_embeddings``).
+        embed: The language model's input embedding table.
+        input_ids: Token ids of the batch.
+        attention_mask: 1 for real tokens.
+        image_token_id: The image placeholder id (excluded from the text).
+        rows: Prompt row of each image.
+        queries: ``tokenprune_query`` strings per row, if given.
+    """
+    texts = None if queries is None else tuple(queries[r] for r in rows)
+    if Capability.TEXT_EMBEDDINGS not in requires:
+        return None if texts is None else TextTokens(texts=texts)
+    with torch.no_grad():
+        emb, mask = text_tokens_for_images(embed, input_ids, attention_mask, image_token_id, rows)
+    return TextTokens(texts=texts, embeddings=emb, mask=mask)

@@ -54,7 +54,7 @@ from tokenprune.adapters._vision import (
     capture_block_inputs,
     clip_blocks,
     clip_vision_block,
-    text_tokens_for_images,
+    prompt_text,
 )
 from tokenprune.adapters.base import QUERY_KWARG, CallMode, ModelAdapter
 from tokenprune.adapters.llava import normalize_queries
@@ -513,18 +513,15 @@ class LlavaNextAdapter(ModelAdapter):
         rows: list[int],
         queries: tuple[str, ...] | None,
     ) -> TextTokens | None:
-        texts = None if queries is None else tuple(queries[r] for r in rows)
-        if Capability.TEXT_EMBEDDINGS not in pipeline.requires:
-            return None if texts is None else TextTokens(texts=texts)
-        with torch.no_grad():
-            emb, mask = text_tokens_for_images(
-                self._inner.get_input_embeddings(),
-                input_ids,
-                attention_mask,
-                self._config.image_token_id,
-                rows,
-            )
-        return TextTokens(texts=texts, embeddings=emb, mask=mask)
+        return prompt_text(
+            pipeline.requires,
+            self._inner.get_input_embeddings(),
+            input_ids,
+            attention_mask,
+            self._config.image_token_id,
+            rows,
+            queries,
+        )
 
     def _encode(
         self, pipeline: Pipeline, kwargs: Mapping[str, Any]
