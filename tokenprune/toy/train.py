@@ -991,6 +991,7 @@ _INT_OPTIONS = (
     "val_per_family",
     "test_per_family",
 )
+_FLOAT_OPTIONS = ("a_lr", "b_lr", "c_lr")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
@@ -1006,6 +1007,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--threads", type=int, default=2)
     for name in _INT_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(r, name))
+    for name in _FLOAT_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(r, name))
     p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
     p.add_argument("--tower-layers", type=int, default=r.tower.layers)
     args = p.parse_args(argv)
@@ -1015,7 +1018,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     recipe = Recipe(
         seed=args.seed,
         tower=tower,
-        **{name: getattr(args, name) for name in _INT_OPTIONS},
+        **{name: getattr(args, name) for name in (*_INT_OPTIONS, *_FLOAT_OPTIONS)},
     )
     return args, recipe
 
