@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenprune.adapters._allocation import FeatureAllocation, allocate, weighted
 from tokenprune.adapters.base import ModelAdapter, PruneHandle
 
-__all__ = ["ModelAdapter", "PruneHandle"]
+__all__ = ["FeatureAllocation", "ModelAdapter", "PruneHandle", "allocate", "weighted"]

@@ -21,28 +21,88 @@ Built-in rules (:data:`ALLOCATIONS`), both exact (rational arithmetic, no float 
   surplus is spread over the others), same rounding and fix-up.
 
 Any callable with the same signature can be used instead, e.g. one that favours the base tile.
+
+A rule that decides by *content* rather than by counts subclasses :class:`FeatureAllocation`:
+the adapter then also hands it the candidate tokens of every part (``features[i]``, the
+``(counts[i], D)`` rows of part ``i`` in the pruning space), and the same contract applies.
+:func:`weighted` splits a budget by arbitrary positive weights with the rounding and fix-up of
+the built-in rules, so such a rule only has to compute one weight per part. Both are exported
+from :mod:`tokenprune.adapters` for plugins.
 """
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from types import MappingProxyType
+from typing import ClassVar
+
+import torch
 
 from tokenprune.errors import AdapterError, BudgetError
 
 __all__ = [
     "ALLOCATIONS",
     "Allocation",
+    "AllocationRule",
+    "FeatureAllocation",
     "allocate",
     "largest_remainder",
+    "needs_features",
     "proportional",
     "resolve_allocation",
     "uniform",
+    "weighted",
 ]
 
 Allocation = Callable[[Sequence[int], int], list[int]]
 """``allocate(counts, budget) -> shares``: one share per part (see the module docstring)."""
+
+
+class FeatureAllocation(ABC):
+    """An allocation rule that also reads the candidate tokens of every part.
+
+    Subclass it, set ``name`` and implement :meth:`__call__`; pass an instance wherever an
+    adapter takes ``allocation=``. The adapter calls it with the parts' features (LLaVA-NeXT: the
+    unpadded patch features of each tile; Video-LLaVA: the patch features of each frame, one
+    call per video), and :func:`allocate` checks the result against the same contract as for
+    count-based rules.
+
+    Examples:
+        >>> class MostVaried(FeatureAllocation):
+        ...     name = "most_varied"
+        ...
+        ...     def __call__(self, counts, budget, features):
+        ...         spread = [float(f.std()) + 1e-6 if len(f) > 1 else 1e-6 for f in features]
+        ...         return weighted(counts, budget, spread)
+        >>> flat = torch.zeros(4, 3)
+        >>> busy = torch.arange(12.0).reshape(4, 3)
+        >>> allocate([4, 4], 4, MostVaried(), features=[flat, busy])
+        [1, 3]
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def __call__(
+        self, counts: Sequence[int], budget: int, features: Sequence[torch.Tensor]
+    ) -> list[int]:
+        """Return the shares of ``budget`` per part.
+
+        Args:
+            counts: Candidate tokens per part.
+            budget: Tokens to keep in total, ``0 <= budget <= sum(counts)``.
+            features: Candidate token features of each part.
+
+        Shape:
+            - features[i]: ``(counts[i], D)``
+        """
+
+
+AllocationRule = Allocation | FeatureAllocation
+"""What an adapter's ``allocation=`` accepts besides a name."""
 
 
 def _check_request(counts: Sequence[int], budget: int) -> None:
@@ -82,7 +142,9 @@ def largest_remainder(quotas: Sequence[Fraction], total: int) -> list[int]:
     return floors
 
 
-def _capped_quotas(weights: Sequence[int], caps: Sequence[int], total: int) -> list[Fraction]:
+def _capped_quotas(
+    weights: Sequence[int | Fraction], caps: Sequence[int], total: int
+) -> list[Fraction]:
     """Exact shares of ``total`` proportional to ``weights``, none above its cap (water-filling)."""
     quotas = [Fraction(0)] * len(weights)
     active = [i for i, (w, c) in enumerate(zip(weights, caps, strict=True)) if w > 0 and c > 0]
@@ -176,14 +238,62 @@ def uniform(counts: Sequence[int], budget: int) -> list[int]:
     return _at_least_one(counts, shares, budget)
 
 
+def weighted(counts: Sequence[int], budget: int, weights: Sequence[float]) -> list[int]:
+    """Split ``budget`` proportionally to ``weights``, never above a part's count.
+
+    The building block of content-based rules (:class:`FeatureAllocation`): part ``i`` gets
+    ``budget * weights[i] / sum(weights)``, computed exactly (each float weight is taken as the
+    exact rational it stores); a part whose quota exceeds ``counts[i]`` is filled and the rest is
+    split again over the others (water-filling). The quotas are rounded by
+    :func:`largest_remainder`, then every non-empty part that got nothing takes one token from
+    the largest share when the budget allows, as in :func:`proportional`.
+    ``weighted(counts, budget, counts)`` equals ``proportional(counts, budget)``.
+
+    Args:
+        counts: Candidate tokens per part.
+        budget: Tokens to keep in total, ``0 <= budget <= sum(counts)``.
+        weights: One finite weight per part, ``> 0`` for every non-empty part (an empty part's
+            weight is ignored).
+
+    Returns:
+        Tokens to keep per part.
+
+    Raises:
+        BudgetError: If the counts or the budget are invalid, or a weight is missing,
+            non-finite, or not positive for a non-empty part.
+
+    Examples:
+        >>> weighted([16, 16, 16], 12, [1.0, 2.0, 1.0])
+        [3, 6, 3]
+        >>> weighted([2, 16], 10, [3.0, 1.0])  # the first part is full at 2
+        [2, 8]
+    """
+    _check_request(counts, budget)
+    if len(weights) != len(counts):
+        raise BudgetError(f"expected {len(counts)} weights (one per part), got {len(weights)}")
+    exact: list[Fraction | int] = []
+    for i, (w, c) in enumerate(zip(weights, counts, strict=True)):
+        if c == 0:
+            exact.append(0)
+            continue
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0:
+            raise BudgetError(
+                f"weight {w!r} of part {i} (with {c} tokens) must be a finite number > 0; "
+                "give every non-empty part a positive weight"
+            )
+        exact.append(Fraction(w))
+    shares = largest_remainder(_capped_quotas(exact, counts, budget), budget)
+    return _at_least_one(counts, shares, budget)
+
+
 ALLOCATIONS: Mapping[str, Allocation] = MappingProxyType(
     {"proportional": proportional, "uniform": uniform}
 )
 """Built-in allocation rules by name."""
 
 
-def resolve_allocation(rule: str | Allocation) -> tuple[str, Allocation]:
-    """Return ``(name, function)`` for a rule given by name or as a callable.
+def resolve_allocation(rule: str | AllocationRule) -> tuple[str, AllocationRule]:
+    """Return ``(name, rule)`` for a rule given by name, as a callable or as a feature rule.
 
     Raises:
         AdapterError: If a name is not one of :data:`ALLOCATIONS`.
@@ -192,31 +302,54 @@ def resolve_allocation(rule: str | Allocation) -> tuple[str, Allocation]:
         >>> resolve_allocation("uniform")[0]
         'uniform'
     """
+    if isinstance(rule, FeatureAllocation):
+        return rule.name, rule
     if callable(rule):
         return getattr(rule, "__name__", repr(rule)), rule
     if rule not in ALLOCATIONS:
         raise AdapterError(
             f"unknown allocation rule {rule!r}; use one of {sorted(ALLOCATIONS)} or pass a "
-            "function allocate(counts: list[int], budget: int) -> list[int]"
+            "function allocate(counts: list[int], budget: int) -> list[int] or a "
+            "FeatureAllocation instance"
         )
     return rule, ALLOCATIONS[rule]
 
 
-def allocate(counts: Sequence[int], budget: int, rule: str | Allocation) -> list[int]:
+def needs_features(rule: str | AllocationRule) -> bool:
+    """Whether ``rule`` reads the parts' features (so the adapter must gather them).
+
+    Examples:
+        >>> needs_features("uniform")
+        False
+    """
+    return isinstance(rule, FeatureAllocation)
+
+
+def allocate(
+    counts: Sequence[int],
+    budget: int,
+    rule: str | AllocationRule,
+    *,
+    features: Sequence[torch.Tensor] | None = None,
+) -> list[int]:
     """Apply an allocation rule and check its result against the allocation contract.
 
     Args:
         counts: Candidate tokens per part.
         budget: Tokens to keep in total.
-        rule: A name from :data:`ALLOCATIONS` or an allocation function.
+        rule: A name from :data:`ALLOCATIONS`, an allocation function, or a
+            :class:`FeatureAllocation`.
+        features: Candidate token features of each part, ``(counts[i], D)``; required by a
+            :class:`FeatureAllocation`, ignored by the other rules.
 
     Returns:
         Tokens to keep per part.
 
     Raises:
         BudgetError: If the counts or the budget are invalid.
-        AdapterError: If the rule is unknown or its result breaks the contract (the message
-            names the rule and the broken condition).
+        AdapterError: If the rule is unknown, a feature rule gets no or mismatched features,
+            or its result breaks the contract (the message names the rule and the broken
+            condition).
 
     Examples:
         >>> allocate([16, 12, 12], 10, "proportional")
@@ -228,7 +361,20 @@ def allocate(counts: Sequence[int], budget: int, rule: str | Allocation) -> list
     """
     _check_request(counts, budget)
     name, fn = resolve_allocation(rule)
-    shares = list(fn(list(counts), budget))
+    if isinstance(fn, FeatureAllocation):
+        shapes = None if features is None else [tuple(f.shape) for f in features]
+        if (
+            features is None
+            or len(features) != len(counts)
+            or any(f.ndim != 2 or f.shape[0] != c for f, c in zip(features, counts, strict=True))
+        ):
+            raise AdapterError(
+                f"allocation rule {name!r} reads the parts' features: it needs one "
+                f"(count, D) tensor per part for counts {list(counts)}, got {shapes}"
+            )
+        shares = list(fn(list(counts), budget, list(features)))
+    else:
+        shares = list(fn(list(counts), budget))
     problem = None
     if len(shares) != len(counts):
         problem = f"expected {len(counts)} shares"

@@ -48,7 +48,12 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import nn
 
-from tokenprune.adapters._allocation import Allocation, allocate, resolve_allocation
+from tokenprune.adapters._allocation import (
+    AllocationRule,
+    allocate,
+    needs_features,
+    resolve_allocation,
+)
 from tokenprune.adapters._sequence import find_image_spans, shrink_inputs
 from tokenprune.adapters._vision import (
     capture_block_inputs,
@@ -338,8 +343,10 @@ class LlavaNextAdapter(ModelAdapter):
     Args:
         model: The model.
         allocation: How an image's budget is split over its tiles: a name from
-            :data:`~tokenprune.adapters._allocation.ALLOCATIONS` or a function
-            ``allocate(counts, budget) -> shares``.
+            :data:`~tokenprune.adapters._allocation.ALLOCATIONS`, a function
+            ``allocate(counts, budget) -> shares``, or a
+            :class:`~tokenprune.adapters.FeatureAllocation` (which also receives each tile's
+            unpadded patch features).
         newlines: ``"all"`` or ``"kept_rows"`` (see the module docstring).
 
     Raises:
@@ -361,7 +368,7 @@ class LlavaNextAdapter(ModelAdapter):
         self,
         model: nn.Module,
         *,
-        allocation: str | Allocation | None = None,
+        allocation: str | AllocationRule | None = None,
         newlines: NewlinePolicy = "all",
     ) -> None:
         super().__init__(model)
@@ -570,7 +577,20 @@ class LlavaNextAdapter(ModelAdapter):
                     f"layout predicts {layout.num_packed}; check image_sizes against pixel_values"
                 )
             counts = layout.counts()
-            shares = allocate(counts, pipeline.budget(sum(counts)), self.allocation)
+            tile_feats = None
+            if needs_features(self.allocation):
+                if offset + layout.num_tiles > tile_features.shape[0]:
+                    raise AdapterError(
+                        f"pixel_values hold {tile_features.shape[0]} tiles but image_sizes imply "
+                        f"at least {offset + layout.num_tiles}"
+                    )
+                tile_feats = [
+                    tile_features[offset + t][layout.tile_patches(t).to(tile_features.device)]
+                    for t in range(layout.num_tiles)
+                ]
+            shares = allocate(
+                counts, pipeline.budget(sum(counts)), self.allocation, features=tile_feats
+            )
             for tile, keep in enumerate(shares):
                 if keep > 0:
                     patches = layout.tile_patches(tile)

@@ -38,7 +38,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tokenprune.adapters._allocation import Allocation, allocate, resolve_allocation
+from tokenprune.adapters._allocation import (
+    AllocationRule,
+    allocate,
+    needs_features,
+    resolve_allocation,
+)
 from tokenprune.adapters._sequence import ImageSpan, find_image_spans, shrink_inputs
 from tokenprune.adapters._vision import capture_block_inputs, clip_blocks, text_tokens_for_images
 from tokenprune.adapters.base import QUERY_KWARG, CallMode, ModelAdapter
@@ -64,8 +69,10 @@ class VideoLlavaAdapter(ModelAdapter):
     Args:
         model: The model.
         allocation: How a video's budget is split over its frames: a name from
-            :data:`~tokenprune.adapters._allocation.ALLOCATIONS` or a function
-            ``allocate(counts, budget) -> shares``.
+            :data:`~tokenprune.adapters._allocation.ALLOCATIONS`, a function
+            ``allocate(counts, budget) -> shares``, or a
+            :class:`~tokenprune.adapters.FeatureAllocation` (which also receives each frame's
+            patch features, and then splits every video's budget on its own).
 
     Raises:
         AdapterError: If the model is not a Video-LLaVA model or the rule is unknown.
@@ -79,9 +86,13 @@ class VideoLlavaAdapter(ModelAdapter):
     name: ClassVar[str] = "video_llava"
     model_classes: ClassVar[tuple[str, ...]] = ("VideoLlavaForConditionalGeneration",)
     capabilities: ClassVar[frozenset[Capability]] = CLIP_CAPABILITIES
+    follow_up_inputs: ClassVar[tuple[str, ...] | None] = (
+        "pixel_values_images",
+        "pixel_values_videos",
+    )
     default_allocation: ClassVar[str] = "uniform"
 
-    def __init__(self, model: nn.Module, *, allocation: str | Allocation | None = None) -> None:
+    def __init__(self, model: nn.Module, *, allocation: str | AllocationRule | None = None) -> None:
         super().__init__(model)
         self.allocation_name, self.allocation = resolve_allocation(
             self.default_allocation if allocation is None else allocation
@@ -305,8 +316,12 @@ class VideoLlavaAdapter(ModelAdapter):
         projector: nn.Module = inner.multi_modal_projector
         num_videos, num_frames = int(videos.shape[0]), int(videos.shape[1])
         num_patches = self.tokens_per_image()
-        shares = allocate(
-            [num_patches] * num_frames, pipeline.budget(num_frames * num_patches), self.allocation
+        counts = [num_patches] * num_frames
+        budget = pipeline.budget(num_frames * num_patches)
+        # A count-based rule gives every video the same split; a feature rule splits each
+        # video's budget by its own frames, once they are encoded (in run_pipeline).
+        shared = (
+            None if needs_features(self.allocation) else allocate(counts, budget, self.allocation)
         )
         patches = torch.arange(num_patches)
         kept: list[torch.Tensor] = []
@@ -315,10 +330,21 @@ class VideoLlavaAdapter(ModelAdapter):
 
             def run_pipeline(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor]:
                 frames = args[0]  # (videos * frames, 1 + P, C): [CLS] first
+                shares = [
+                    shared
+                    if shared is not None
+                    else allocate(
+                        counts,
+                        budget,
+                        self.allocation,
+                        features=list(frames[v * num_frames : (v + 1) * num_frames, 1:]),
+                    )
+                    for v in range(num_videos)
+                ]
                 parts = [
                     PrunePart(first_item + v, v * num_frames + f, patches, share, self.grid())
                     for v in range(num_videos)
-                    for f, share in enumerate(shares)
+                    for f, share in enumerate(shares[v])
                     if share > 0
                 ]
                 results = iter(
@@ -336,7 +362,7 @@ class VideoLlavaAdapter(ModelAdapter):
                 per_video = []
                 for v in range(num_videos):
                     tokens, index = [], []
-                    for f, share in enumerate(shares):
+                    for f, share in enumerate(shares[v]):
                         start = f * (1 + num_patches)
                         tokens.append(frames[v * num_frames + f, :1])
                         index.append(torch.tensor([start]))
