@@ -101,6 +101,7 @@ def test_to_dict_is_plain_json_without_unset_budgets(runtime: Runtime) -> None:
         "merger": {"name": "drop"},
         "keep": 64,
         "positions": "contiguous",
+        "follow_up": "reuse",
         "plugins": [],
     }
 

@@ -130,6 +130,7 @@ def _pipeline_dict(pipeline: Pipeline) -> dict[str, Any]:
     else:
         data["keep_ratio"] = pipeline.keep_ratio
     data["positions"] = pipeline.positions
+    data["follow_up"] = pipeline.follow_up
     return data
 
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SAVED_CONFIG_NAME",
     "SAVED_FORMAT",
+    "FollowUpPolicy",
     "PipelineConfig",
     "PositionPolicy",
     "build_config_model",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 PositionPolicy = Literal["contiguous", "original"]
+FollowUpPolicy = Literal["reuse", "rescore"]
 
 SAVED_CONFIG_NAME = "tokenprune.json"
 """File that :func:`save_config` writes into a directory (next to a model's own files)."""
@@ -69,6 +71,10 @@ class PipelineConfig(BaseModel):
         positions: ``contiguous`` renumbers the pruned sequence 0..L'-1 (the usual choice of
             methods that prune before the LLM); ``original`` keeps each kept token's unpruned
             position id (gaps where tokens were removed).
+        follow_up: What a follow-up turn on the same image does when ``generate`` continues from
+            the cache of an earlier turn: ``reuse`` keeps the first turn's selection (only the
+            new tokens run); ``rescore`` prunes the image again, guided by the new question, and
+            prefills from the image on.
         plugins: Plugin modules to import and register before the stages are looked up.
 
     Examples:
@@ -87,6 +93,7 @@ class PipelineConfig(BaseModel):
     keep: Annotated[int, Field(gt=0)] | None = None
     keep_ratio: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     positions: PositionPolicy = "contiguous"
+    follow_up: FollowUpPolicy = "reuse"
     plugins: tuple[str, ...] = ()
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ import torch
 
 from tokenprune import functional as F
 from tokenprune.capabilities import Capability
-from tokenprune.config import PipelineConfig, PositionPolicy
+from tokenprune.config import FollowUpPolicy, PipelineConfig, PositionPolicy
 from tokenprune.context import PruneContext
 from tokenprune.errors import CapabilityError, ShapeError
 from tokenprune.stages.base import Merger, Scorer, Selector, Stage
@@ -35,6 +35,8 @@ class Pipeline:
         keep: Tokens to keep per image. Exactly one of ``keep``/``keep_ratio``.
         keep_ratio: Fraction of tokens to keep, in (0, 1], rounded half up.
         positions: Position-id policy applied by the adapter (``contiguous`` or ``original``).
+        follow_up: Multi-turn policy (``reuse`` the first turn's selection or ``rescore`` with
+            the new question) when ``generate`` continues from an earlier turn's cache.
         runtime: Runtime whose ``tokenprune_after_prune`` observers are called; none if omitted.
 
     Examples:
@@ -58,6 +60,7 @@ class Pipeline:
         keep: int | None = None,
         keep_ratio: float | None = None,
         positions: PositionPolicy = "contiguous",
+        follow_up: FollowUpPolicy = "reuse",
         runtime: Runtime | None = None,
     ) -> None:
         for stage, base in ((scorer, Scorer), (selector, Selector), (merger, Merger)):
@@ -72,6 +75,9 @@ class Pipeline:
         if positions not in ("contiguous", "original"):
             raise ValueError(f"positions must be 'contiguous' or 'original', got {positions!r}")
         self.positions: PositionPolicy = positions
+        if follow_up not in ("reuse", "rescore"):
+            raise ValueError(f"follow_up must be 'reuse' or 'rescore', got {follow_up!r}")
+        self.follow_up: FollowUpPolicy = follow_up
         self.runtime = runtime
         self.config: PipelineConfig | None = None
         """The configuration the pipeline was built from (set by :meth:`from_config`)."""
@@ -102,6 +108,7 @@ class Pipeline:
             keep=config.keep,
             keep_ratio=config.keep_ratio,
             positions=config.positions,
+            follow_up=config.follow_up,
             runtime=runtime,
         )
         pipeline.config = config

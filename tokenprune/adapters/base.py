@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 from tokenprune.adapters._hooks import HookSet
+from tokenprune.adapters._turns import (
+    Turn,
+    TurnMemory,
+    cached_length,
+    continue_with_selection,
+    placeholder_ids,
+    reusable_prefix,
+)
 from tokenprune.capabilities import Capability
 from tokenprune.errors import AdapterError, CapabilityError
 
@@ -96,6 +104,9 @@ class ModelAdapter(ABC):
     model_classes: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     capability_hints: ClassVar[Mapping[Capability, str]] = {}
+    follow_up_inputs: ClassVar[tuple[str, ...] | None] = ("pixel_values", "image_sizes")
+    """Raw vision inputs a follow-up turn may repeat (dropped under ``reuse``); ``None`` if the
+    adapter cannot continue a pruned conversation from its cache."""
 
     def __init__(self, model: nn.Module) -> None:
         if not self.supports(model):
@@ -145,6 +156,59 @@ class ModelAdapter(ABC):
         """
         del pipeline, hooks  # nothing to add by default
 
+    def _follow_up(
+        self, pipeline: Pipeline, turn: Turn | None, kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Any], Turn | None]:
+        """Rewrite a ``generate`` call that continues a cached conversation (multi-turn)."""
+        placeholders = placeholder_ids(getattr(self.model, "config", None))
+        ids = kwargs.get("input_ids")
+        has_image = any(kwargs.get(name) is not None for name in self.follow_up_inputs or ())
+        text_only = (
+            bool(placeholders)
+            and ids is not None
+            and not bool(torch.isin(ids, torch.tensor(sorted(placeholders))).any())
+        )
+        if turn is None and not has_image and text_only:
+            return kwargs, None  # a text-only conversation: nothing was pruned
+        if self.follow_up_inputs is None:
+            raise AdapterError(
+                f"adapter {self.name!r} cannot continue a pruned conversation from a cache "
+                "yet; pass the whole conversation without a cache"
+            )
+        if turn is None:
+            raise AdapterError(
+                "the cache was not filled by this pruned model's generate(), so the pruned "
+                "tokens it holds are unknown; continue only from caches returned by "
+                "generate(..., return_dict_in_generate=True) of the same installation (or passed "
+                "to it as cache=...)"
+            )
+        if pipeline.follow_up == "reuse":
+            kwargs.pop(QUERY_KWARG, None)
+            return continue_with_selection(turn, kwargs, placeholders, drop=self.follow_up_inputs)
+        if not has_image:
+            raise AdapterError(
+                "follow_up='rescore' prunes the image again: pass its "
+                f"{' / '.join(self.follow_up_inputs)} with the follow-up turn"
+            )
+        key = "cache" if kwargs.get("cache") is not None else "past_key_values"
+        cache = kwargs.pop(key)
+        pruned = self.prepare_inputs(pipeline, kwargs, "generate")
+        keep = min(reusable_prefix(turn, pruned, placeholders), cached_length(cache))
+        if keep == 0:
+            cache.reset()
+        else:
+            cache.crop(keep - cached_length(cache))
+        pruned[key] = cache
+        mask = kwargs.get("attention_mask")
+        prompt_mask = torch.ones_like(kwargs["input_ids"]) if mask is None else mask
+        return pruned, Turn(
+            kwargs["input_ids"],
+            prompt_mask,
+            pruned["input_ids"],
+            pruned["attention_mask"],
+            pruned.get("position_ids"),
+        )
+
     def install(self, pipeline: Pipeline) -> PruneHandle:
         """Install ``pipeline`` on the model; returns a handle (also a context manager).
 
@@ -187,6 +251,7 @@ class ModelAdapter(ABC):
         if not hasattr(model, "generate"):  # e.g. a timm classifier
             return handle
         original_generate: Callable[..., Any] = getattr(model, "generate")  # noqa: B009
+        turns = TurnMemory()
 
         @functools.wraps(original_generate)
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -200,13 +265,51 @@ class ModelAdapter(ABC):
             if "inputs" in kwargs:
                 kwargs["input_ids"] = kwargs.pop("inputs")
             original_ids = kwargs.get("input_ids")
-            new_kwargs = self.prepare_inputs(pipeline, kwargs, "generate")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cached_length(cache) > 0:
+                new_kwargs, turn = self._follow_up(pipeline, turns.recall(cache), kwargs)
+            else:
+                new_kwargs = self.prepare_inputs(pipeline, kwargs, "generate")
+                turn = _first_turn(kwargs, new_kwargs)
             output = original_generate(**new_kwargs)
+            filled = _cache_of(output, new_kwargs)
+            if filled is not None and turn is not None:
+                turns.remember(filled, turn)
             return _restore_prompt(output, original_ids, new_kwargs.get("input_ids"))
 
         setattr(generate, _MARK, handle)
         hooks.shadow_method("tokenprune.generate", model, "generate", generate)
         return handle
+
+
+def _cache_of(output: Any, kwargs: Mapping[str, Any]) -> Any:
+    """The cache a ``generate`` call filled.
+
+    That is the one returned with ``return_dict_in_generate=True`` (``cache``, formerly
+    ``past_key_values``) or else the one the caller passed in.
+    """
+    for name in ("cache", "past_key_values"):
+        found = getattr(output, name, None)
+        if found is None:
+            found = kwargs.get(name)
+        if found is not None:
+            return found
+    return None
+
+
+def _first_turn(kwargs: Mapping[str, Any], pruned: Mapping[str, Any]) -> Turn | None:
+    """The turn a first (uncached) ``generate`` call leaves in its cache; None if unpruned."""
+    ids, pruned_ids = kwargs.get("input_ids"), pruned.get("input_ids")
+    if ids is None or pruned_ids is None or ids is pruned_ids:
+        return None
+    mask = kwargs.get("attention_mask")
+    return Turn(
+        ids,
+        torch.ones_like(ids) if mask is None else mask,
+        pruned_ids,
+        pruned.get("attention_mask", torch.ones_like(pruned_ids)),
+        pruned.get("position_ids"),
+    )
 
 
 def _restore_prompt(

@@ -84,6 +84,9 @@ class Qwen2_5_VLAdapter(ModelAdapter):  # noqa: N801 - named after the model cla
             Capability.PROJECTOR,
         }
     )
+    follow_up_inputs: ClassVar[tuple[str, ...] | None] = None
+    """Follow-up turns from a cache are refused: Qwen2.5-VL's M-RoPE offsets of a pruned
+    prefill are not tracked across turns yet."""
     capability_hints: ClassVar[Mapping[Capability, str]] = {
         Capability.CLS_ATTENTION: (
             "the Qwen2.5-VL vision tower has no [CLS] token; use the 'received_attention' "
