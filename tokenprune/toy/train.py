@@ -96,14 +96,14 @@ class Recipe:
 
     seed: int = 0
     tower: TowerSize = field(default_factory=TowerSize)
-    a_steps: int = 2500
-    a_batch: int = 32
-    a_lr: float = 1e-3
+    a_steps: int = 1600
+    a_batch: int = 64
+    a_lr: float = 2e-3
     a_target: float = 0.95
     lm_layers: int = 8
-    b_steps: int = 60
+    b_steps: int = 30
     b_lr: float = 2e-3
-    c_steps: int = 2400
+    c_steps: int = 2000
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
