@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -9,12 +10,13 @@ import torch
 from tokenprune import functional as F
 from tokenprune.capabilities import Capability
 from tokenprune.context import PruneContext
-from tokenprune.errors import BudgetError, CapabilityError, ShapeError
-from tokenprune.pipeline import Pipeline
+from tokenprune.errors import BudgetError, CapabilityError, ConfigError, ShapeError
+from tokenprune.pipeline import LlmStage, Pipeline
 from tokenprune.plugin import Runtime, hookimpl
 from tokenprune.stages.base import Merger, Scorer, Scores, Selector, StageConfig
 from tokenprune.stages.mergers.drop import DropMerger
 from tokenprune.stages.scorers.cls_attention import ClsAttentionScorer
+from tokenprune.stages.scorers.fastv import FastVScorer
 from tokenprune.stages.scorers.random import RandomScorer
 from tokenprune.stages.selectors.topk import TopKSelector
 from tokenprune.testing import make_context
@@ -319,3 +321,94 @@ def test_pipeline_rejects_non_finite_input_features_before_scoring() -> None:
     x[1, 3, 0] = float("nan")
     with pytest.raises(ShapeError, match=r"visual features contains NaN/Inf"):
         Pipeline(WideScorer(), TopKSelector(), keep=4)(context(x, 4))
+
+
+# -- multi-stage pipelines (LLM positions) -------------------------------------------------------
+def _fastv(**budget: Any) -> Pipeline:
+    return Pipeline(FastVScorer(), TopKSelector(), **(budget or {"keep_ratio": 0.5}))
+
+
+def test_llm_only_pipeline_has_no_encoder_stage() -> None:
+    pipeline = Pipeline.llm_only([LlmStage(2, _fastv())])
+    assert not pipeline.has_encoder_stage
+    assert pipeline.stages == ()
+    assert pipeline.llm_layers == (2,)
+    assert pipeline.requires == {Capability.LLM_ATTENTION}
+    assert "encoder=None" in repr(pipeline)
+    with pytest.raises(ConfigError, match="at least one LLM stage"):
+        Pipeline.llm_only([])
+
+
+def test_llm_stages_require_llm_attention_even_with_plain_stages() -> None:
+    random_inside = Pipeline(RandomScorer(), TopKSelector(), keep=4)
+    pipeline = Pipeline(RandomScorer(), TopKSelector(), keep=8, llm=[LlmStage(1, random_inside)])
+    assert Capability.LLM_ATTENTION in pipeline.requires
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda s: s(0, _fastv()), ConfigError, "layer must be an int >= 1"),
+        (lambda s: s(True, _fastv()), ConfigError, "layer must be an int >= 1"),
+        (
+            lambda s: s(2, Pipeline.llm_only([s(1, _fastv())])),
+            ConfigError,
+            "single position",
+        ),
+        (
+            lambda s: s(2, Pipeline(ClsAttentionScorer(), TopKSelector(), keep=4)),
+            ConfigError,
+            "'cls_attention' at LLM layer 2 requires capability 'cls_attention'",
+        ),
+        (
+            lambda s: Pipeline(
+                RandomScorer(), TopKSelector(), keep=8, llm=[s(3, _fastv()), s(2, _fastv())]
+            ),
+            ConfigError,
+            "strictly increasing",
+        ),
+        (
+            lambda s: Pipeline(RandomScorer(), TopKSelector(), keep=8, llm=[s(2, _fastv(keep=9))]),
+            BudgetError,
+            r"llm.0.keep=9 keeps more tokens than arrive .* \(keep=8\)",
+        ),
+    ],
+)
+def test_llm_stage_errors(build: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        build(LlmStage)
+
+
+def test_llm_capture_stage_at_the_encoder_is_refused_by_check_compatible() -> None:
+    from tokenprune.adapters.llava import LlavaAdapter
+
+    with pytest.raises(ConfigError, match="exists only inside the language model"):
+        _fastv().check_compatible(LlavaAdapter)
+
+
+def test_multi_stage_config_round_trip_and_schema() -> None:
+    runtime = Runtime(autoload=False)
+    data = {
+        "scorer": {"name": "cls_attention"},
+        "selector": {"name": "topk"},
+        "keep": 192,
+        "llm": [{"layer": 2, "keep": 64}, {"layer": 8, "keep_ratio": 0.5}],
+    }
+    config = runtime.parse_config(data)
+    assert runtime.parse_config(config.to_dict()) == config
+    assert config.to_dict()["llm"][0] == {
+        "layer": 2,
+        "scorer": {"name": "fastv"},
+        "selector": {"name": "topk"},
+        "merger": {"name": "drop"},
+        "keep": 64,
+    }
+    assert (
+        "llm" not in runtime.parse_config({k: v for k, v in data.items() if k != "llm"}).to_dict()
+    )
+    schema = json.dumps(runtime.config_model().model_json_schema())
+    assert '"fastv"' in schema
+    assert '"llm"' in schema
+    pipeline = runtime.build_pipeline(config)
+    assert pipeline.llm_layers == (2, 8)
+    assert [s.pipeline.budget(192) for s in pipeline.llm] == [64, 96]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Capability"]
+__all__ = ["ENCODER_ONLY", "LLM_POSITION", "Capability"]
 
 
 class Capability(StrEnum):
@@ -32,3 +32,21 @@ class Capability(StrEnum):
 
     PROJECTOR = "projector"
     """The model's projector, mapping pruning-space features into the language model's space."""
+
+    LLM_ATTENTION = "llm_attention"
+    """In-LLM token dropping: pruning positions after a chosen decoder layer, where stages get the
+    head-averaged attention the last prompt token pays to each visual token in the layer before."""
+
+
+ENCODER_ONLY: frozenset[Capability] = frozenset(
+    {
+        Capability.VISION_BLOCK,
+        Capability.CLS_ATTENTION,
+        Capability.RECEIVED_ATTENTION,
+        Capability.PROJECTOR,
+    }
+)
+"""Capabilities that exist only at the encoder position (they describe the vision tower)."""
+
+LLM_POSITION: frozenset[Capability] = frozenset({Capability.LLM_ATTENTION})
+"""Everything a stage can get at a pruning position inside the language model."""

@@ -27,10 +27,13 @@ from pydantic_core import PydanticCustomError
 from tokenprune.errors import BudgetError, ConfigError
 from tokenprune.stages.base import StageConfig
 from tokenprune.stages.mergers.drop import DropMergerConfig
+from tokenprune.stages.scorers.fastv import FastVScorerConfig
+from tokenprune.stages.selectors.topk import TopKSelectorConfig
 
 if TYPE_CHECKING:
     from tokenprune.plugin.manager import Runtime
     from tokenprune.registry import StageRegistry
+    from tokenprune.stages.base import Role
 
 __all__ = [
     "SAVED_CONFIG_NAME",
@@ -52,15 +55,78 @@ SAVED_CONFIG_NAME = "tokenprune.json"
 SAVED_FORMAT = 1
 """Layout version of ``tokenprune.json``; files of a newer layout are refused with a clear error."""
 
-_ROLES = ("scorer", "selector", "merger")
+_ROLES: tuple[Role, ...] = ("scorer", "selector", "merger")
 _SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 _BUDGET_HINT = (
     "`keep` is a token count >= 1 and `keep_ratio` a fraction in (0, 1]; give exactly one"
 )
 
 
+FASTV_DEFAULT_KEEP_RATIO = 0.5
+"""Budget of an LLM stage that gives neither ``keep`` nor ``keep_ratio``: FastV's R = 50 %."""
+
+
+class LlmStageConfig(BaseModel):
+    """One pruning position inside the language model: stages, a layer and a budget.
+
+    Visual tokens are dropped before decoder layer ``layer``: layers ``0 .. layer - 1`` run on the
+    sequence as it left the encoder position, layers ``layer ..`` on the shorter one (FastV's
+    ``K``). The stages see the hidden states entering that layer and, through the
+    ``llm_attention`` capability, the attention of layer ``layer - 1``. All defaults together are
+    FastV's setting: ``K = 2``, keep 50 % (``{}`` is a valid entry).
+
+    Attributes:
+        layer: Decoder layer the tokens are dropped before, ``>= 1`` (and below the model's
+            number of layers, checked when the pipeline is installed).
+        scorer: Scorer configuration; ``fastv`` by default.
+        selector: Selector configuration; ``topk`` by default.
+        merger: Merger configuration; ``drop`` by default.
+        keep: Visual tokens to keep per image at this position (a count, not above what arrives).
+        keep_ratio: Fraction, in (0, 1], of the visual tokens of each image arriving at this
+            position; rounded half up. :data:`FASTV_DEFAULT_KEEP_RATIO` if neither is given.
+
+    Examples:
+        >>> LlmStageConfig().layer, LlmStageConfig().keep_ratio, LlmStageConfig(keep=64).keep_ratio
+        (2, 0.5, None)
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: Annotated[int, Field(ge=1)] = 2
+    scorer: StageConfig = FastVScorerConfig()
+    selector: StageConfig = TopKSelectorConfig()
+    merger: StageConfig = DropMergerConfig()
+    keep: Annotated[int, Field(gt=0)] | None = None
+    keep_ratio: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("keep") is None and "keep_ratio" not in data:
+            return {**data, "keep_ratio": FASTV_DEFAULT_KEEP_RATIO}
+        return data
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LlmStageConfig:
+        if (self.keep is None) == (self.keep_ratio is None):
+            raise PydanticCustomError(
+                "budget", "give exactly one of `keep` (a count) and `keep_ratio` (a fraction)"
+            )
+        return self
+
+
 class PipelineConfig(BaseModel):
-    """A complete pruning pipeline: three stages, a budget and a position policy.
+    """A complete pruning pipeline: the encoder stage and, optionally, stages inside the LLM.
+
+    The top-level ``scorer``/``selector``/``merger`` and budget prune the visual tokens once,
+    between the vision encoder and the language model (the encoder position). Entries of ``llm``
+    prune again inside the language model, each before its decoder layer. A config without
+    ``llm`` needs the encoder stage; a config with ``llm`` may leave it out entirely (no pruning
+    at the encoder, e.g. plain FastV).
+
+    Budgets are checked for consistency here: LLM layers strictly increase, and a count never
+    exceeds the count of the position before it (a ratio is relative to the tokens that arrive,
+    so it cannot). Whether the layers exist is checked when the pipeline is installed.
 
     Attributes:
         scorer: Scorer configuration (``name`` picks the registered scorer).
@@ -70,49 +136,113 @@ class PipelineConfig(BaseModel):
         keep_ratio: Fraction of tokens to keep per image, in (0, 1]; rounded half up.
         positions: ``contiguous`` renumbers the pruned sequence 0..L'-1 (the usual choice of
             methods that prune before the LLM); ``original`` keeps each kept token's unpruned
-            position id (gaps where tokens were removed).
+            position id (gaps where tokens were removed). Tokens dropped inside the LLM always
+            keep their position ids (RoPE was applied before).
         follow_up: What a follow-up turn on the same image does when ``generate`` continues from
             the cache of an earlier turn: ``reuse`` keeps the first turn's selection (only the
             new tokens run); ``rescore`` prunes the image again, guided by the new question, and
             prefills from the image on.
+        llm: Pruning positions inside the language model, in increasing ``layer`` order.
         plugins: Plugin modules to import and register before the stages are looked up.
 
     Examples:
         >>> from tokenprune.plugin import Runtime
-        >>> cfg = Runtime(autoload=False).parse_config(
+        >>> runtime = Runtime(autoload=False)
+        >>> cfg = runtime.parse_config(
         ...     {"scorer": {"name": "cls_attention"}, "selector": {"name": "topk"}, "keep": 64})
         >>> cfg.scorer.name, cfg.merger.name, cfg.keep
         ('cls_attention', 'drop', 64)
+        >>> fastv = runtime.parse_config({"llm": [{"layer": 2, "keep_ratio": 0.5}]})
+        >>> fastv.has_encoder_stage, fastv.llm[0].scorer.name
+        (False, 'fastv')
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scorer: StageConfig
-    selector: StageConfig
+    scorer: StageConfig | None = None
+    selector: StageConfig | None = None
     merger: StageConfig = DropMergerConfig()
     keep: Annotated[int, Field(gt=0)] | None = None
     keep_ratio: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     positions: PositionPolicy = "contiguous"
     follow_up: FollowUpPolicy = "reuse"
+    llm: tuple[LlmStageConfig, ...] = ()
     plugins: tuple[str, ...] = ()
 
+    @property
+    def has_encoder_stage(self) -> bool:
+        """Whether the visual tokens are pruned at the encoder position."""
+        return self.scorer is not None
+
     @model_validator(mode="after")
-    def _one_budget(self) -> PipelineConfig:
+    def _consistent(self) -> PipelineConfig:
+        given = [f for f in ("scorer", "selector") if getattr(self, f) is not None]
+        budget = self.keep is not None or self.keep_ratio is not None
+        if self.llm and not given and not budget:
+            return self._check_llm_stages()
+        for missing in sorted({"scorer", "selector"} - set(given)):
+            hint = "" if self.llm else "; or list pruning stages inside the LLM under `llm`"
+            raise PydanticCustomError(
+                "stage_missing",
+                "{field}: Field required (the encoder stage needs `scorer`, `selector` and a "
+                "budget{hint})",
+                {"field": missing, "hint": hint},
+            )
         if (self.keep is None) == (self.keep_ratio is None):
             raise PydanticCustomError(
                 "budget", "give exactly one of `keep` (a count) and `keep_ratio` (a fraction)"
             )
+        return self._check_llm_stages()
+
+    def _check_llm_stages(self) -> PipelineConfig:
+        before, label = self.keep, "keep"
+        for i, stage in enumerate(self.llm):
+            if i and stage.layer <= self.llm[i - 1].layer:
+                raise PydanticCustomError(
+                    "llm_layers",
+                    "{field}: {layer} does not come after llm.{j}.layer={previous}; list the LLM "
+                    "stages in strictly increasing `layer` order",
+                    {
+                        "field": f"llm.{i}.layer",
+                        "j": i - 1,
+                        "layer": stage.layer,
+                        "previous": self.llm[i - 1].layer,
+                    },
+                )
+            if stage.keep is None:
+                continue
+            if before is not None and stage.keep > before:
+                raise PydanticCustomError(
+                    "budget_order",
+                    "{field}: {keep} keeps more tokens than arrive from the position before it "
+                    "({label}={before}); budgets never increase from one position to the next: "
+                    "lower {field} or give a keep_ratio",
+                    {
+                        "field": f"llm.{i}.keep",
+                        "keep": stage.keep,
+                        "label": label,
+                        "before": before,
+                    },
+                )
+            before, label = stage.keep, f"llm.{i}.keep"
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict that :func:`parse_config` reads back."""
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("llm"):
+            data.pop("llm", None)
+        return data
 
 
 def _stage_union(configs: list[type[StageConfig]]) -> Any:
     if len(configs) == 1:
         return configs[0]
     return Annotated[Union[tuple(configs)], Field(discriminator="name")]  # noqa: UP007
+
+
+def _default(registry: StageRegistry, role: Role, config: StageConfig) -> Any:
+    return config if config.name in registry.names(role) else ...
 
 
 def build_config_model(registry: StageRegistry) -> type[PipelineConfig]:
@@ -124,13 +254,24 @@ def build_config_model(registry: StageRegistry) -> type[PipelineConfig]:
     Returns:
         A pydantic model class; its JSON schema documents every stage and option.
     """
-    merger_default = DropMergerConfig() if "drop" in registry.names("merger") else ...
+    scorers: Any = _stage_union(registry.config_classes("scorer"))
+    selectors: Any = _stage_union(registry.config_classes("selector"))
+    mergers: Any = _stage_union(registry.config_classes("merger"))
+    drop = _default(registry, "merger", DropMergerConfig())
+    llm_stage: Any = create_model(
+        "LlmStageConfig",
+        __base__=LlmStageConfig,
+        scorer=(scorers, _default(registry, "scorer", FastVScorerConfig())),
+        selector=(selectors, _default(registry, "selector", TopKSelectorConfig())),
+        merger=(mergers, drop),
+    )
     model: type[PipelineConfig] = create_model(
         "PipelineConfig",
         __base__=PipelineConfig,
-        scorer=(_stage_union(registry.config_classes("scorer")), ...),
-        selector=(_stage_union(registry.config_classes("selector")), ...),
-        merger=(_stage_union(registry.config_classes("merger")), merger_default),
+        scorer=(scorers | None, None),
+        selector=(selectors | None, None),
+        merger=(mergers, drop),
+        llm=(tuple[llm_stage, ...], ()),
     )
     return model
 
@@ -139,14 +280,21 @@ def _field_hint(loc: tuple[int | str, ...], data: Mapping[str, Any], runtime: Ru
     """For an unknown field: the closest allowed name and the allowed names, if they are known."""
     *parent, field = loc
     fields: list[str] | None = None
+    top = list(PipelineConfig.model_fields)
+    if len(parent) >= 2 and parent[0] == "llm" and isinstance(parent[1], int):
+        entries = data.get("llm")
+        entry = entries[parent[1]] if isinstance(entries, list | tuple) else None
+        data = entry if isinstance(entry, Mapping) else {}
+        parent = parent[2:]
+        top = list(LlmStageConfig.model_fields)
     if not parent:
-        fields = list(PipelineConfig.model_fields)
+        fields = top
     elif parent[0] in _ROLES and len(parent) <= 2:
         section = data.get(str(parent[0]))
         name = section.get("name") if isinstance(section, Mapping) else None
         if len(parent) == 1 or parent[1] == name:
             try:
-                stage = runtime.stages.get(parent[0], str(name))  # type: ignore[arg-type]
+                stage = runtime.stages.get(parent[0], str(name))
             except ConfigError:
                 return ""
             fields = [f for f in stage.Config.model_fields if f != "name"]
@@ -162,17 +310,24 @@ def _validation_error(
 ) -> ConfigError:
     """One line per problem, naming the field; a :class:`BudgetError` if only the budget is bad."""
     lines = []
-    budget_only = True
+    budget_only = order_only = True
     for e in err.errors():
         loc = tuple(e["loc"])
         message = e["msg"]
         if e["type"] == "extra_forbidden":
             message += _field_hint(loc, data, runtime)
+        if not loc and "field" in e.get("ctx", {}):  # a model-level check naming its field
+            loc, message = (e["ctx"]["field"],), message.split(": ", 1)[1]
         lines.append(f"  {'.'.join(str(p) for p in loc) or '<config>'}: {message}")
-        budget_only &= e["type"] == "budget" or loc[:1] in (("keep",), ("keep_ratio",))
+        field = loc[2:3] if loc[:1] == ("llm",) else loc[:1]
+        budget_only &= e["type"] in ("budget", "budget_order") or field in (
+            ("keep",),
+            ("keep_ratio",),
+        )
+        order_only &= e["type"] == "budget_order"
     text = "invalid pipeline config:\n" + "\n".join(lines)
     if budget_only:
-        return BudgetError(f"{text}\n  ({_BUDGET_HINT})")
+        return BudgetError(text if order_only else f"{text}\n  ({_BUDGET_HINT})")
     return ConfigError(text)
 
 
@@ -196,12 +351,19 @@ def parse_config(data: Mapping[str, Any], runtime: Runtime) -> PipelineConfig:
         raise ConfigError("`plugins` must be a list of module names")
     for plugin in plugins:
         runtime.add_plugin(str(plugin))
-    for role in ("scorer", "selector", "merger"):
-        section = data.get(role)
+    llm = data.get("llm", ())
+    if isinstance(llm, str | Mapping) or not isinstance(llm, list | tuple):
+        raise ConfigError("`llm` must be a list of LLM stages (mappings with a `layer`)")
+    sections: list[tuple[str, Any, Role]] = [(role, data.get(role), role) for role in _ROLES]
+    for i, entry in enumerate(llm):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"`llm.{i}` must be a mapping (an LLM stage), got {entry!r}")
+        sections += [(f"llm.{i}.{role}", entry.get(role), role) for role in _ROLES]
+    for where, section, role in sections:
         if section is None:
             continue
         if not isinstance(section, Mapping) or "name" not in section:
-            raise ConfigError(f"`{role}` must be a mapping with a `name` field")
+            raise ConfigError(f"`{where}` must be a mapping with a `name` field")
         runtime.stages.get(role, str(section["name"]))  # raises with the available names
     try:
         return runtime.config_model().model_validate(dict(data))

@@ -135,6 +135,11 @@ class PruneContext:
         num_layers: Number of blocks in the vision tower (to resolve negative indices).
         projector: Maps pruning-space features to the language model's input space.
         stash: Per-call scratch space shared by the stages.
+        last_token_attention: At a pruning position inside the language model: the
+            head-averaged attention the row's last prompt token pays to each visual token of the
+            image in the decoder layer before the position, :math:`(B, N)`; read it through
+            :meth:`llm_attention`. ``None`` at the encoder position.
+        llm_layer: The decoder layer the tokens are dropped before (``None`` at the encoder).
     """
 
     visual: VisualTokens
@@ -145,6 +150,8 @@ class PruneContext:
     num_layers: int | None = None
     projector: Module | None = None
     stash: Stash = field(default_factory=Stash)
+    last_token_attention: torch.Tensor | None = None
+    llm_layer: int | None = None
 
     def require(self, capability: Capability, stage: str) -> None:
         """Raise :class:`CapabilityError` unless ``capability`` was provided for this call."""
@@ -240,6 +247,36 @@ class PruneContext:
                 group_size=block.group_size,
             )
         return cache[index]
+
+    def llm_attention(self) -> torch.Tensor:
+        """Attention the last prompt token pays to each visual token, in the layer before here.
+
+        Available at pruning positions inside the language model (capability
+        ``llm_attention``): position ``layer: K`` gives the attention of decoder layer ``K - 1``,
+        recomputed for that one query row (so it works under SDPA), averaged over heads. The
+        softmax runs over the whole sequence, so a row sums to at most 1.
+
+        Raises:
+            CapabilityError: At the encoder position, or if the adapter did not provide it.
+            ShapeError: If it does not hold one value per visual token.
+
+        Shape:
+            - output: :math:`(B, N)`
+        """
+        self.require(Capability.LLM_ATTENTION, "llm_attention")
+        attention = self.last_token_attention
+        if attention is None:
+            raise CapabilityError(
+                "no language-model attention reached this stage: it is only available at a "
+                "pruning position inside the language model (a stage listed under `llm:`)"
+            )
+        expected = (self.visual.batch_size, self.visual.num_tokens)
+        if tuple(attention.shape) != expected:
+            raise ShapeError(
+                f"the language-model attention has shape {tuple(attention.shape)}, but the visual "
+                f"tokens need (B, N) = {expected}"
+            )
+        return attention
 
     def require_text(self, stage: str) -> TextTokens:
         """Return the prompt tokens, or raise naming the stage that needed them."""

@@ -27,6 +27,7 @@ from tokenprune.bench.flops import (
     llm_flops,
     llm_layer_flops,
     load_shape,
+    pipeline_schedule,
     prefill_flops,
     resolve_tokens,
     shape_from_config,
@@ -35,6 +36,7 @@ from tokenprune.bench.flops import (
 )
 from tokenprune.cli import _flops
 from tokenprune.errors import BudgetError, ConfigError
+from tokenprune.plugin import Runtime
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -680,3 +682,62 @@ def test_flops_module_imports_no_torch() -> None:
         for alias in (node.names if isinstance(node, ast.Import) else node.names[:1])
     ]
     assert not [name for name in top_level if name.split(".")[0] in {"torch", "transformers"}]
+
+
+# ----------------------------------------------------------------------------- pipeline configs
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _llm_layer(n: int) -> int:
+    """FastV convention for one LLaVA-1.5-7B decoder layer, written out by hand."""
+    d, m = 4096, 11008
+    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+
+
+def test_multi_stage_config_flops_pinned(capsys: pytest.CaptureFixture[str]) -> None:
+    # DeSAP to 192 at the encoder, FastV to 64 before layer 2: layers 0-1 see 192, 2-31 see 64.
+    code, out, err = _cli(
+        ["--model", "llava-1.5-7b", "--config", str(CONFIGS / "desap192_fastv64.yaml"), "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert (row["visual_tokens"], row["stages"]) == (192, [[2, 64]])
+    assert row["llm_flops"] == 2 * _llm_layer(192) + 30 * _llm_layer(64) == 363_998_478_336
+    assert row["reference_flops"] == 32 * _llm_layer(576)
+    assert row["ratio"] == pytest.approx(8.20, abs=0.005)
+
+
+def test_fastv_config_schedule_matches_the_paper_setting() -> None:
+    runtime = Runtime(autoload=False)
+    config = runtime.load_config(CONFIGS / "fastv_k2_50pct.yaml")
+    assert pipeline_schedule(config, 576) == (576, ((2, 288),))
+    r = prefill_flops(LLAVA, *pipeline_schedule(config, 576)[:1], stages=[(2, 288)])
+    assert r.llm_flops == 2 * _llm_layer(576) + 30 * _llm_layer(288)
+    # ratios of the arriving tokens, rounded half up at each position
+    chained = runtime.parse_config(
+        {"scorer": {"name": "random"}, "selector": {"name": "topk"}, "keep_ratio": 0.333,
+         "llm": [{"layer": 2, "keep_ratio": 0.5}, {"layer": 16, "keep": 16}]}
+    )  # fmt: skip
+    assert pipeline_schedule(chained, 576) == (192, ((2, 96), (16, 16)))
+
+
+def test_config_excludes_tokens_and_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(
+        ["--model", "llava-1.5-7b", "--config", str(CONFIGS / "fastv_k2_50pct.yaml"),
+         "--tokens", "64"], capsys
+    )  # fmt: skip
+    assert code == 2
+    assert "--config gives the budgets" in err
+
+
+def test_config_count_above_the_model_tokens_is_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, _, err = _cli(
+        ["--model", "llava-1.5-7b", "--full-tokens", "100", "--config",
+         str(CONFIGS / "desap192_fastv64.yaml")], capsys
+    )  # fmt: skip
+    assert code == 2
+    assert "keep: token count 192 is outside [1, 100]" in err

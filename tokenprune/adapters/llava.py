@@ -13,6 +13,11 @@ Policy:
   ``original`` passes explicit ``position_ids`` that keep each kept token's unpruned position.
 - **[CLS] attention:** recomputed for one query row from the captured block input, so the tower
   keeps running SDPA.
+- **Inside the LLM** (``llm:`` stages, capability ``llm_attention``): per-instance hooks on the
+  language model's decoder layers (:mod:`tokenprune.adapters._llm`) drop visual tokens before
+  each stage's layer, once per ``forward`` and once per ``generate`` (at the prefill). ``forward``
+  then returns logits for the shortened sequence (text and padding positions are all kept, in
+  order), so ``labels`` cannot be combined with LLM stages.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tokenprune.adapters._hooks import HookSet
+from tokenprune.adapters._llm import LlmPruning, check_llm_stages
 from tokenprune.adapters._sequence import find_image_spans, shrink_inputs
 from tokenprune.adapters._vision import (
     capture_block_inputs,
@@ -78,6 +85,7 @@ class LlavaAdapter(ModelAdapter):
             Capability.TEXT_EMBEDDINGS,
             Capability.TEXT_QUERY,
             Capability.PROJECTOR,
+            Capability.LLM_ATTENTION,
         }
     )
 
@@ -128,12 +136,33 @@ class LlavaAdapter(ModelAdapter):
                 raise AdapterError(
                     f"vision layer {layer} does not exist: the tower has {len(blocks)} blocks"
                 )
+        if pipeline.llm:
+            check_llm_stages(self._inner.language_model, pipeline)
+
+    def install_hooks(self, pipeline: Pipeline, hooks: HookSet) -> None:
+        """Add the hooks of the pipeline's LLM stages on the language model (if any)."""
+        if not pipeline.llm:
+            return
+        n = self.tokens_per_image()
+        LlmPruning(
+            pipeline,
+            self._inner,
+            self._inner.language_model,
+            image_token_id=int(self._config.image_token_id),
+            tokens_per_image=pipeline.budget(n) if pipeline.has_encoder_stage else n,
+        ).install(hooks)
 
     # -- the per-call work -----------------------------------------------------------------
     def prepare_inputs(
         self, pipeline: Pipeline, kwargs: dict[str, Any], mode: CallMode
     ) -> dict[str, Any]:
         query = kwargs.pop(QUERY_KWARG, None)
+        if pipeline.llm and kwargs.get("labels") is not None:
+            raise AdapterError(
+                "labels cannot be combined with pruning inside the language model: the logits "
+                "cover the sequence shortened at the LLM layers, which no longer lines up with "
+                "the labels. Compute the loss without `llm` stages"
+            )
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return kwargs
@@ -143,6 +172,8 @@ class LlavaAdapter(ModelAdapter):
                 "a pruned LLaVA needs input_ids with <image> placeholders (inputs_embeds alone "
                 "cannot be shortened); pass input_ids"
             )
+        if not pipeline.has_encoder_stage:
+            return kwargs  # pruned inside the language model only
         for unsupported in ("image_sizes", "mm_encoder_outputs"):
             if kwargs.get(unsupported) is not None:
                 raise AdapterError(f"{unsupported} cannot be combined with pixel_values here")

@@ -39,6 +39,8 @@ from tokenprune.errors import BudgetError, ConfigError
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from tokenprune.config import PipelineConfig
+
 __all__ = [
     "CONVENTIONS",
     "DTYPE_BYTES",
@@ -58,6 +60,7 @@ __all__ = [
     "llm_flops",
     "llm_layer_flops",
     "load_shape",
+    "pipeline_schedule",
     "prefill_flops",
     "resolve_tokens",
     "shape_from_config",
@@ -432,6 +435,55 @@ def layer_token_counts(
         counts[layer:] = [after] * (num_layers - layer)
         previous_layer, previous_tokens = layer, after
     return tuple(counts)
+
+
+def pipeline_schedule(config: PipelineConfig, full: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """The per-layer token schedule of a (multi-stage) pipeline config, for one image of ``full``.
+
+    The encoder stage's budget gives the tokens entering LLM layer 0 (all ``full`` without an
+    encoder stage); each LLM stage's budget, a count or a ratio of the tokens *arriving* at its
+    layer (rounded half up, at least 1, as the pipeline does), gives the tokens of the layers from
+    its ``layer`` on. Layers ``< K`` thus see the encoder-pruned count, layers ``>= K`` the
+    LLM-pruned one.
+
+    Args:
+        config: A validated pipeline configuration.
+        full: The unpruned visual-token count ``N`` of one image.
+
+    Returns:
+        ``(tokens entering layer 0, ((layer, tokens from that layer on), ...))``, ready for
+        :func:`prefill_flops` (``tokens`` and ``stages``).
+
+    Raises:
+        BudgetError: A count exceeds the tokens arriving at its position.
+
+    Examples:
+        >>> from tokenprune.plugin import Runtime
+        >>> cfg = Runtime(autoload=False).parse_config({
+        ...     "scorer": {"name": "cls_attention"}, "selector": {"name": "topk"}, "keep": 192,
+        ...     "llm": [{"layer": 2, "keep": 64}]})
+        >>> pipeline_schedule(cfg, 576)
+        (192, ((2, 64),))
+        >>> pipeline_schedule(Runtime(autoload=False).parse_config({"llm": [{}]}), 576)
+        (576, ((2, 288),))
+    """
+
+    def budget(keep: int | None, ratio: float | None, arriving: int, where: str) -> int:
+        value: float = keep if keep is not None else float(ratio if ratio is not None else 1.0)
+        try:
+            return resolve_tokens(value, arriving)
+        except BudgetError as exc:
+            raise BudgetError(f"{where}: {exc}") from None
+
+    tokens = full
+    if config.has_encoder_stage:
+        tokens = budget(config.keep, config.keep_ratio, full, "keep")
+    schedule: list[tuple[int, int]] = []
+    arriving = tokens
+    for i, stage in enumerate(config.llm):
+        arriving = budget(stage.keep, stage.keep_ratio, arriving, f"llm.{i}")
+        schedule.append((stage.layer, arriving))
+    return tokens, tuple(schedule)
 
 
 def _check_convention(convention: str) -> int:

@@ -18,11 +18,14 @@ from tokenprune.bench.flops import (
     format_table,
     list_presets,
     load_shape,
+    pipeline_schedule,
     prefill_flops,
 )
 from tokenprune.errors import ConfigError, TokenPruneError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from tokenprune.bench.flops import Convention, FlopsResult, Scope
 
 __all__ = ["handler", "register"]
@@ -39,6 +42,10 @@ examples:
   tokenprune flops --model llava-1.5-7b --tokens 576,192,128,64 --convention desap
   tokenprune flops --model llava-1.5-7b --tokens 64 --text-tokens 60 --include-vision
   tokenprune flops --model llava-1.5-7b --tokens 576 --stage 2:0.25 --json
+  tokenprune flops --model llava-1.5-7b --config configs/desap192_fastv64.yaml
+
+--config reads a pipeline config (file, saved directory or preset): its encoder budget gives the
+tokens entering layer 0, and each LLM stage (llm: [{layer: K, keep...}]) the tokens of layers >= K.
 """
 
 
@@ -156,6 +163,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="LLM layers >= LAYER see TOKENS visual tokens (count or ratio of N); repeatable",
     )
     parser.add_argument(
+        "--config",
+        default=None,
+        metavar="PIPELINE",
+        help="take the budgets from a pipeline config (file, saved directory or preset), "
+        "including its LLM stages; replaces --tokens and --stage",
+    )
+    parser.add_argument(
         "--full-tokens",
         type=_positive,
         default=None,
@@ -181,6 +195,16 @@ def _compute(args: argparse.Namespace) -> tuple[str, list[FlopsResult]]:
             "tokens only"
         )
     shape = load_shape(args.model, visual_tokens=args.full_tokens)
+    runs: list[tuple[int | float | None, Sequence[tuple[int, int | float]]]]
+    if args.config is not None:
+        if args.tokens is not None or args.stage:
+            raise ConfigError("--config gives the budgets; drop --tokens and --stage")
+        from tokenprune.plugin import Runtime
+
+        config = Runtime().load_config(args.config)
+        runs = [pipeline_schedule(config, shape.visual_tokens)]
+    else:
+        runs = [(tokens, args.stage or ()) for tokens in (args.tokens or [None])]
     results = [
         prefill_flops(
             shape,
@@ -189,10 +213,10 @@ def _compute(args: argparse.Namespace) -> tuple[str, list[FlopsResult]]:
             scope=cast("Scope", scope),
             text_tokens=args.text_tokens or 0,
             include_vision=args.include_vision,
-            stages=args.stage or (),
+            stages=stages,
             dtype=args.dtype,
         )
-        for tokens in (args.tokens or [None])
+        for tokens, stages in runs
     ]
     return shape.source, results
 

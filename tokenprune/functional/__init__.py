@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tokenprune.functional.attention import cls_attention
 from tokenprune.functional.checks import check_features, check_scores
+from tokenprune.functional.fastv import query_row_attention
 from tokenprune.functional.received import Rotary, received_attention
 from tokenprune.functional.selection import (
     resolve_budget,
@@ -22,6 +23,7 @@ __all__ = [
     "check_scores",
     "cls_attention",
     "gather_tokens",
+    "query_row_attention",
     "random_scores",
     "received_attention",
     "resolve_budget",

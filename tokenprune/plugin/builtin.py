@@ -29,6 +29,7 @@ def tokenprune_register_stages(registry: StageRegistry) -> None:
     from tokenprune.stages.mergers.visionzip import VisionZipMerger
     from tokenprune.stages.scorers.cls_attention import ClsAttentionScorer
     from tokenprune.stages.scorers.combine import CombineScorer
+    from tokenprune.stages.scorers.fastv import FastVScorer
     from tokenprune.stages.scorers.random import RandomScorer
     from tokenprune.stages.scorers.received_attention import ReceivedAttentionScorer
     from tokenprune.stages.scorers.uniform import UniformScorer
@@ -48,6 +49,7 @@ def tokenprune_register_stages(registry: StageRegistry) -> None:
         # Method baselines (docs/methods/): selectors and their mergers, and score fusion.
         UniformScorer,
         CombineScorer,
+        FastVScorer,
         VisionZipSelector,
         VisionZipMerger,
         PruMergeSelector,

@@ -30,15 +30,17 @@ check fails if that resolves to another adapter than ``case.name``.
 The rules:
 
 - :func:`check_equivalence_at_full_budget`: a pipeline that keeps every token gives the unpatched
-  model's logits (to ``1e-5``), under both position policies.
+  model's logits (to ``1e-5``), under both position policies, and, for an adapter with the
+  ``llm_attention`` capability, also with a keep-everything stage inside the language model.
 - :func:`check_sequence_shortened`: the sequence the core model sees shrinks, row by row, by
   exactly ``N_i - budget(N_i)`` for every image or video ``i`` in the row.
 - :func:`check_generate`: greedy ``generate`` with the KV cache on a batch of two with random
   pruning to 25% returns sequences that start with the caller's prompt, prunes like ``forward``
   and decodes one token per step from the cache.
-- :func:`check_restore`: after ``remove()``, and after an exception raised inside a stage, the
-  model has exactly its original hooks and instance attributes and gives the outputs of a model
-  that was never pruned; an exception never leaves a temporary hook behind.
+- :func:`check_restore`: after ``remove()``, and after an exception raised inside a stage (at
+  the encoder and, with ``llm_attention``, inside the language model), the model has exactly its
+  original hooks and instance attributes and gives the outputs of a model that was never pruned;
+  an exception never leaves a temporary hook behind.
 - :func:`check_capabilities`: every declared capability is delivered to stages during a real
   forward pass (checked by a probe scorer), and a pipeline needing an undeclared one is refused
   when it is installed.
@@ -59,7 +61,7 @@ from tokenprune.adapters.base import QUERY_KWARG, ModelAdapter, PruneHandle
 from tokenprune.capabilities import Capability
 from tokenprune.context import PruneContext
 from tokenprune.errors import CapabilityError
-from tokenprune.pipeline import Pipeline
+from tokenprune.pipeline import LlmStage, Pipeline
 from tokenprune.plugin.manager import Runtime
 from tokenprune.stages.base import Scorer, StageConfig
 from tokenprune.stages.scorers.random import RandomScorer
@@ -144,6 +146,11 @@ def _random_pipeline(
     return Pipeline(
         RandomScorer(seed=0), TopKSelector(), keep_ratio=keep_ratio, positions=positions
     )
+
+
+def _llm_pipeline(keep_ratio: float) -> Pipeline:
+    """Random pruning inside the language model only, before decoder layer 1."""
+    return Pipeline.llm_only([LlmStage(1, _random_pipeline(keep_ratio))])
 
 
 def _output_tensor(output: Any) -> torch.Tensor:
@@ -267,14 +274,20 @@ def check_equivalence_at_full_budget(
     model, inputs = _setup(case, seed)
     reference = _output_tensor(model(**inputs))
     adapter = _adapter(case, model)
-    for positions in ("contiguous", "original"):
-        with adapter.install(_random_pipeline(1.0, positions)):
+    settings = {
+        f"positions={positions!r}": _random_pipeline(1.0, positions)
+        for positions in ("contiguous", "original")
+    }
+    if Capability.LLM_ATTENTION in adapter.capabilities:
+        settings["an LLM stage at layer 1"] = _llm_pipeline(1.0)
+    for label, pipeline in settings.items():
+        with adapter.install(pipeline):
             output = _output_tensor(model(**inputs))
         if output.shape != reference.shape:
             _fail(
                 case,
                 "equivalence at full budget",
-                f"positions={positions!r}: output shape {tuple(output.shape)} != unpatched "
+                f"{label}: output shape {tuple(output.shape)} != unpatched "
                 f"{tuple(reference.shape)}",
             )
         err = float((output.float() - reference.float()).abs().max())
@@ -282,7 +295,7 @@ def check_equivalence_at_full_budget(
             _fail(
                 case,
                 "equivalence at full budget",
-                f"positions={positions!r}: max |logit difference| {err:.3g} > {atol:g}",
+                f"{label}: max |logit difference| {err:.3g} > {atol:g}",
             )
 
 
@@ -471,6 +484,12 @@ def _probe(config: _ProbeScorerConfig, ctx: PruneContext) -> None:
         texts = None if ctx.text is None else ctx.text.texts
         if texts is None or len(texts) != b or not set(texts) <= set(config.queries):
             problem = f"ctx.text.texts is {texts!r}, not one of the given questions per image"
+    elif cap is Capability.LLM_ATTENTION:
+        att = ctx.llm_attention()
+        if tuple(att.shape) != (b, n) or not bool(torch.isfinite(att).all()):
+            problem = f"got shape {tuple(att.shape)} (want {(b, n)}) or non-finite values"
+        elif bool((att < 0).any()) or bool((att.sum(-1) > 1 + 1e-4).any()):
+            problem = "values are not attention weights (negative, or rows summing above 1)"
     elif cap is Capability.PROJECTOR:
         if ctx.projector is None:
             problem = "ctx.projector is None"
@@ -483,9 +502,15 @@ def _probe(config: _ProbeScorerConfig, ctx: PruneContext) -> None:
         raise AdapterContractError(f"declared capability {name!r} is not delivered: {problem}")
 
 
-def _probe_pipeline(config: _ProbeScorerConfig) -> tuple[Pipeline, _ProbeScorer]:
+def _probe_pipeline(
+    config: _ProbeScorerConfig, *, inside_llm: bool = False
+) -> tuple[Pipeline, _ProbeScorer]:
+    """The probe at the encoder position, or (``llm_attention``, ``inside_llm``) at LLM layer 1."""
     scorer = _ProbeScorer(config)
-    return Pipeline(scorer, TopKSelector(), keep_ratio=0.5), scorer
+    pipeline = Pipeline(scorer, TopKSelector(), keep_ratio=0.5)
+    if inside_llm or config.capability is Capability.LLM_ATTENTION:
+        pipeline = Pipeline.llm_only([LlmStage(1, pipeline)])
+    return pipeline, scorer
 
 
 @torch.no_grad()
@@ -581,11 +606,13 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
     handle.remove()  # idempotent
     same_as_never_pruned("after remove()")
 
-    pipeline, probe = _probe_pipeline(_ProbeScorerConfig(fail=True))
+    failing = [_probe_pipeline(_ProbeScorerConfig(fail=True))]
+    if Capability.LLM_ATTENTION in adapter.capabilities:
+        failing.append(_probe_pipeline(_ProbeScorerConfig(fail=True), inside_llm=True))
     calls: list[Callable[[], Any]] = [lambda: model(**inputs)]
     if case.generative:  # look generate up at call time: the installation shadows it
         calls.append(lambda: _generate(model)(**inputs, **settings))
-    for call in calls:
+    for (pipeline, _), call in ((f, c) for f in failing for c in calls):
         with adapter.install(pipeline) as handle:
             installed = _snapshot(model)
             try:
@@ -607,7 +634,7 @@ def check_restore(case: AdapterCase, *, seed: int = 0) -> None:
                 call()
         except _ProbeError:
             pass
-    if probe.calls == 0:
+    if any(probe.calls == 0 for _, probe in failing):
         _fail(case, "exact restore", "the failing stage was never called")
     same_as_never_pruned("after an exception inside a stage")
 

@@ -134,7 +134,10 @@ def make_context(
       ``hidden_states[-2]``), on the most square ``(rows, cols)`` grid of ``N`` cells;
     - a two-layer MLP projector from ``dim`` to ``llm_dim``;
     - prompt text: one question per image, and ``(B, T, llm_dim)`` embeddings whose mask marks
-      a different number of real (left-aligned) rows per image.
+      a different number of real (left-aligned) rows per image;
+    - the attention of a last prompt token inside a language model (``ctx.llm_attention()``):
+      ``(B, N)`` non-negative values summing to less than 1 per image (the rest of the softmax
+      went to text tokens), as at an LLM position.
 
     Everything is drawn from private generators seeded with ``seed``: the same arguments give
     equal tensors, and the global RNG is left untouched. The (frozen) modules are shared by the
@@ -215,6 +218,9 @@ def make_context(
         mask = torch.arange(text_length).unsqueeze(0) < lengths.unsqueeze(1)
         prompt = TextTokens(texts=texts, embeddings=embeddings, mask=mask)
 
+    logits = torch.randn(batch, num_tokens + text_length, generator=g)
+    llm_attention = logits.softmax(dim=-1)[:, :num_tokens]
+
     return PruneContext(
         visual=VisualTokens(features, grid=_grid(num_tokens)),
         keep=keep,
@@ -223,6 +229,7 @@ def make_context(
         blocks=blocks,
         num_layers=num_layers,
         projector=projector,
+        last_token_attention=llm_attention,
     )
 
 
@@ -324,6 +331,8 @@ def _maps(scores: Any) -> dict[str, torch.Tensor] | None:
 
 def _snapshot(ctx: PruneContext) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     tensors = [("ctx.visual.features", ctx.visual.features)]
+    if ctx.last_token_attention is not None:
+        tensors.append(("ctx.last_token_attention", ctx.last_token_attention))
     tensors += [(f"ctx.blocks[{i}].hidden", b.hidden) for i, b in ctx.blocks.items()]
     if ctx.text is not None and ctx.text.embeddings is not None:
         tensors.append(("ctx.text.embeddings", ctx.text.embeddings))
@@ -344,6 +353,8 @@ def _without(ctx: PruneContext, capability: Capability) -> PruneContext:
         changes["blocks"] = {}
     elif capability is Capability.PROJECTOR:
         changes["projector"] = None
+    elif capability is Capability.LLM_ATTENTION:
+        changes["last_token_attention"] = None
     elif capability in (Capability.TEXT_QUERY, Capability.TEXT_EMBEDDINGS) and ctx.text is not None:
         text = ctx.text
         if capability is Capability.TEXT_QUERY:
