@@ -217,6 +217,24 @@ def test_summary_without_baseline_hits_has_no_retention() -> None:
     assert s.rows[0].kept_tokens == 4.0
 
 
+def test_rebudget_puts_the_budget_on_the_last_llm_position() -> None:
+    rt = Runtime(autoload=False)
+    fastv = {"llm": [{"layer": 2, "keep_ratio": 0.5}]}
+    assert rebudget(fastv, Budget.parse("0.111"), rt)["llm"][0]["keep_ratio"] == 0.111
+    assert rebudget(fastv, Budget.parse("16"), rt)["llm"][0]["keep"] == 16
+    two = {**RANDOM, "keep": None, "keep_ratio": 0.5, "llm": [{"layer": 2, "keep_ratio": 0.5}]}
+    two = {k: v for k, v in two.items() if v is not None}
+    out = rebudget(two, Budget.parse("0.125"), rt)
+    assert out["keep_ratio"] == 0.5  # the encoder stage keeps its own budget
+    assert out["llm"][0]["keep_ratio"] == pytest.approx(0.25)  # 0.125 of all = 0.25 of 0.5
+    with pytest.raises(ConfigError, match="keeps more than"):
+        rebudget(two, Budget.parse("0.75"), rt)
+    counted = {**{k: v for k, v in two.items() if k != "keep_ratio"}, "keep": 8}
+    with pytest.raises(ConfigError, match="token counts"):
+        rebudget(counted, Budget.parse("0.125"), rt)
+    assert rebudget(counted, Budget.parse("4"), rt)["llm"][0]["keep"] == 4
+
+
 def test_budgets_and_pipeline_specs(tmp_path: Path) -> None:
     assert Budget.parse("1.0") == Budget("1.0", keep_ratio=1.0)
     assert Budget.parse("64") == Budget("64", keep=64)

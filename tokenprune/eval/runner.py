@@ -182,12 +182,42 @@ def rebudget(config: Mapping[str, Any], budget: Budget, runtime: Runtime) -> dic
         >>> rebudget(cfg, Budget.parse("0.5"), rt)["keep_ratio"]
         0.5
     """
-    data = {k: v for k, v in config.items() if k not in ("keep", "keep_ratio")}
-    if budget.keep is not None:
-        data["keep"] = budget.keep
+    llm = list(config.get("llm") or ())
+    if not llm:
+        data = {k: v for k, v in config.items() if k not in ("keep", "keep_ratio")}
+        data.update(_budget_fields(budget))
+        return runtime.parse_config(data).to_dict()
+    # Pruning inside the LLM: the budget is what the last position keeps (what the deeper
+    # layers see); an encoder stage before it keeps its own budget.
+    data = dict(config)
+    last = {k: v for k, v in llm[-1].items() if k not in ("keep", "keep_ratio")}
+    if budget.keep_ratio is None:
+        last.update(_budget_fields(budget))
     else:
-        data["keep_ratio"] = budget.keep_ratio
+        earlier = [s.get("keep_ratio") for s in llm[:-1]]
+        if config.get("scorer") is not None:
+            earlier.insert(0, config.get("keep_ratio"))
+        if any(r is None for r in earlier):
+            raise ConfigError(
+                "a ratio budget needs every earlier pruning position to use keep_ratio (the "
+                "last position's ratio is taken relative to what arrives there); give budgets "
+                "as token counts for this pipeline"
+            )
+        arriving = float(np.prod(earlier)) if earlier else 1.0
+        if budget.keep_ratio > arriving:
+            raise ConfigError(
+                f"budget {budget.label} keeps more than the {arriving:g} of the tokens that "
+                f"earlier pruning positions let through; use budgets <= {arriving:g}"
+            )
+        last["keep_ratio"] = budget.keep_ratio / arriving
+    data["llm"] = [*llm[:-1], last]
     return runtime.parse_config(data).to_dict()
+
+
+def _budget_fields(budget: Budget) -> dict[str, Any]:
+    if budget.keep is not None:
+        return {"keep": budget.keep}
+    return {"keep_ratio": budget.keep_ratio}
 
 
 @dataclass(frozen=True)
@@ -350,8 +380,12 @@ def _records_for_batch(
 ) -> list[dict[str, Any]]:
     if len(answers) != len(batch):
         raise RuntimeError(f"the model returned {len(answers)} answers for {len(batch)} questions")
-    # One image per sample: the recorder saw one row per sample, in batch order.
-    per_sample = counts if len(counts) == len(batch) else None
+    # One image per sample: the recorder saw one row per sample and pruning position, in batch
+    # order, positions in order. Kept = at the last position; total = before the first.
+    per_sample = None
+    if counts and len(counts) % len(batch) == 0:
+        first, last = counts[: len(batch)], counts[-len(batch) :]
+        per_sample = [(last[i][0], first[i][1]) for i in range(len(batch))]
     out = []
     for i, (sample, answer) in enumerate(zip(batch, answers, strict=True)):
         out.append(
