@@ -28,3 +28,10 @@ def test_method_config_runs(name: str) -> None:
     out = pipeline(ctx)
     assert out.features.shape == (2, 64, 16)
     assert bool((out.keep_idx[:, 1:] > out.keep_idx[:, :-1]).all())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.iterdir()), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    runtime = Runtime()  # with the installed plugins (tokenprune-desap, tokenprune-dynamic)
+    config = runtime.load_config(path)
+    assert config.to_dict() == runtime.parse_config(config.to_dict()).to_dict()
