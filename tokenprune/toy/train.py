@@ -99,7 +99,7 @@ class Recipe:
     a_steps: int = 1600
     a_batch: int = 64
     a_lr: float = 2e-3
-    a_target: float = 0.95
+    a_target: float = 0.94
     lm_layers: int = 8
     b_steps: int = 30
     b_lr: float = 2e-3
@@ -337,6 +337,10 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
         opt.load_state_dict(ck["opt"])
         step = int(ck["step"])
         log(f"stage a: resumed at step {step}")
+        val = {k: round(v, 4) for k, v in validate_tower(clip, heads, tok, recipe.seed).items()}
+        if val["shape_acc"] >= recipe.a_target and val["colour_acc"] >= recipe.a_target:
+            log(f"stage a: step {step} validation {val} meets the target {recipe.a_target}, stop")
+            step = recipe.a_steps  # as a run from scratch would have stopped here
     n_params = sum(p.numel() for p in clip.parameters())
     log(f"stage a: CLIPModel {n_params / 1e6:.2f} M params, tower {asdict(recipe.tower)}")
     clip.train()
@@ -991,7 +995,7 @@ _INT_OPTIONS = (
     "val_per_family",
     "test_per_family",
 )
-_FLOAT_OPTIONS = ("a_lr", "b_lr", "c_lr")
+_FLOAT_OPTIONS = ("a_lr", "a_target", "b_lr", "c_lr")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
