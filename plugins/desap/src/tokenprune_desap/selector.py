@@ -19,7 +19,7 @@ from tokenprune import (
 )
 from tokenprune_desap import functional as F
 
-__all__ = ["DesapJointSelector", "DesapJointSelectorConfig"]
+__all__ = ["DesapJointSelector", "DesapJointSelectorConfig", "two_maps"]
 
 
 class DesapJointSelectorConfig(StageConfig):
@@ -61,27 +61,61 @@ class DesapJointSelector(Selector[DesapJointSelectorConfig]):
         self, scores: torch.Tensor | Mapping[str, torch.Tensor], ctx: PruneContext
     ) -> Selection:
         cfg = self.config
-        keys = (cfg.task_key, cfg.saliency_key)
-        if isinstance(scores, torch.Tensor) or not set(keys) <= set(scores):
-            got = "one unnamed map" if isinstance(scores, torch.Tensor) else sorted(scores)
-            raise ConfigError(
-                f"desap_joint needs two named score maps {cfg.task_key!r} and "
-                f"{cfg.saliency_key!r} (e.g. from the desap scorer), got {got}; set "
-                "`task_key`/`saliency_key` to match your scorer"
-            )
-        expected = (ctx.visual.batch_size, ctx.visual.num_tokens)
-        for key in keys:
-            value = scores[key]
-            if tuple(value.shape) != expected:
-                raise ShapeError(
-                    f"desap_joint: score map {key!r} must be (B, N) = {expected}, got "
-                    f"{tuple(value.shape)}"
-                )
-            if bool(torch.isnan(value).any()):
-                raise ShapeError(f"desap_joint: score map {key!r} contains NaN values")
-        if not 1 <= ctx.keep <= expected[1]:
-            raise BudgetError(f"desap_joint: cannot keep K={ctx.keep} of N={expected[1]} tokens")
-        idx = F.joint_rank_select(
-            scores[cfg.task_key], scores[cfg.saliency_key], ctx.keep, cfg.task_fraction
+        task, saliency = two_maps(
+            scores, ctx, cfg.task_key, cfg.saliency_key, stage=self.name, finite=False
         )
+        idx = F.joint_rank_select(task, saliency, ctx.keep, cfg.task_fraction)
         return Selection(idx)
+
+
+def two_maps(
+    scores: torch.Tensor | Mapping[str, torch.Tensor],
+    ctx: PruneContext,
+    task_key: str,
+    saliency_key: str,
+    *,
+    stage: str,
+    finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check and return the task-relevance and saliency maps a two-branch selector reads.
+
+    Args:
+        scores: What the scorer returned.
+        ctx: The pruning context (batch size, token count and budget).
+        task_key: Name of the task-relevance map.
+        saliency_key: Name of the saliency map.
+        stage: Selector name, for messages.
+        finite: Refuse infinite values too (otherwise only NaN).
+
+    Returns:
+        ``(task, saliency)``.
+
+    Raises:
+        ConfigError: If the two named maps are not there.
+        ShapeError: If a map is not a floating ``(B, N)`` tensor or holds NaN (or inf).
+        BudgetError: If ``ctx.keep`` is outside ``[1, N]``.
+
+    Shape:
+        - output: two :math:`(B, N)` maps
+    """
+    if isinstance(scores, torch.Tensor) or not {task_key, saliency_key} <= set(scores):
+        got = "one unnamed map" if isinstance(scores, torch.Tensor) else sorted(scores)
+        raise ConfigError(
+            f"{stage} needs two named score maps {task_key!r} and {saliency_key!r} (e.g. from "
+            f"the desap scorer), got {got}; set `task_key`/`saliency_key` to match your scorer"
+        )
+    expected = (ctx.visual.batch_size, ctx.visual.num_tokens)
+    for key in (task_key, saliency_key):
+        value = scores[key]
+        if tuple(value.shape) != expected or not value.is_floating_point():
+            raise ShapeError(
+                f"{stage}: score map {key!r} must be a floating (B, N) = {expected} tensor, got "
+                f"{value.dtype} {tuple(value.shape)}"
+            )
+        bad = ~torch.isfinite(value) if finite else torch.isnan(value)
+        if bool(bad.any()):
+            what = "NaN or inf" if finite else "NaN"
+            raise ShapeError(f"{stage}: score map {key!r} contains {what} values")
+    if not 1 <= ctx.keep <= expected[1]:
+        raise BudgetError(f"{stage}: cannot keep K={ctx.keep} of N={expected[1]} tokens")
+    return scores[task_key], scores[saliency_key]

@@ -9,15 +9,13 @@ import torch
 from pydantic import Field, model_validator
 
 from tokenprune import (
-    BudgetError,
-    ConfigError,
     PruneContext,
     Selection,
     Selector,
-    ShapeError,
     StageConfig,
     StashKey,
 )
+from tokenprune_desap.selector import two_maps
 from tokenprune_dynamic import functional as F
 
 __all__ = [
@@ -113,27 +111,9 @@ class DesapDynamicSelector(Selector[DesapDynamicSelectorConfig]):
         self, scores: torch.Tensor | Mapping[str, torch.Tensor], ctx: PruneContext
     ) -> Selection:
         cfg = self.config
-        keys = (cfg.task_key, cfg.saliency_key)
-        if isinstance(scores, torch.Tensor) or not set(keys) <= set(scores):
-            got = "one unnamed map" if isinstance(scores, torch.Tensor) else sorted(scores)
-            raise ConfigError(
-                f"desap_dynamic needs two named score maps {cfg.task_key!r} and "
-                f"{cfg.saliency_key!r} (e.g. from the desap scorer), got {got}; set "
-                "`task_key`/`saliency_key` to match your scorer"
-            )
-        expected = (ctx.visual.batch_size, ctx.visual.num_tokens)
-        for key in keys:
-            value = scores[key]
-            if tuple(value.shape) != expected or not value.is_floating_point():
-                raise ShapeError(
-                    f"desap_dynamic: score map {key!r} must be a floating (B, N) = {expected} "
-                    f"tensor, got {value.dtype} {tuple(value.shape)}"
-                )
-            if not bool(torch.isfinite(value).all()):
-                raise ShapeError(f"desap_dynamic: score map {key!r} contains NaN or inf values")
-        if not 1 <= ctx.keep <= expected[1]:
-            raise BudgetError(f"desap_dynamic: cannot keep K={ctx.keep} of N={expected[1]} tokens")
-        task, saliency = scores[cfg.task_key], scores[cfg.saliency_key]
+        task, saliency = two_maps(
+            scores, ctx, cfg.task_key, cfg.saliency_key, stage=self.name, finite=True
+        )
         strength = F.text_cue_strength(task, cfg.temperature)
         fractions = F.task_fractions(
             strength, cfg.min_task_fraction, cfg.max_task_fraction, cfg.cue_low, cfg.cue_high
