@@ -171,6 +171,32 @@ class ProcessorEvalModel:
         return f"ProcessorEvalModel({self._name!r}, device={str(self.device)!r})"
 
 
+def chat_encoder(processor: Any) -> Encode:
+    """Batch encoder for a hub/local VLM: one image and one question per prompt, chat template.
+
+    Args:
+        processor: The model's ``AutoProcessor`` (with a chat template).
+
+    Returns:
+        ``encode(images, questions)`` -> the processor's padded tensors.
+    """
+    from PIL import Image
+
+    def encode(images: list[np.ndarray], questions: list[str]) -> Mapping[str, Any]:
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for q in questions
+        ]
+        pil = [Image.fromarray(image) for image in images]
+        return dict(processor(images=pil, text=texts, padding=True, return_tensors="pt"))
+
+    return encode
+
+
 def _to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module.to(device).eval()
 
@@ -218,7 +244,6 @@ def hf_eval_model(
         EvalModelError: If the checkpoint cannot be loaded.
     """
     try:
-        from PIL import Image
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(str(name_or_path))
@@ -231,17 +256,7 @@ def hf_eval_model(
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
 
-    def encode(images: list[np.ndarray], questions: list[str]) -> Mapping[str, Any]:
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for q in questions
-        ]
-        pil = [Image.fromarray(image) for image in images]
-        return dict(processor(images=pil, text=texts, padding=True, return_tensors="pt"))
+    encode = chat_encoder(processor)
 
     def decode(tokens: torch.Tensor) -> list[str]:
         return [t.strip() for t in processor.batch_decode(tokens, skip_special_tokens=True)]

@@ -43,6 +43,7 @@ from tokenprune.eval.models import (
     DEFAULT_MODEL,
     EvalModel,
     EvalModelError,
+    chat_encoder,
     hf_eval_model,
     load_eval_model,
     toy_eval_model,
@@ -331,7 +332,6 @@ def _load_scorer(pretrained: str) -> _Scorer:
             f"pretrained={pretrained!r}: loglikelihood needs the model's tokenizer, which a "
             "package.module:factory EvalModel does not expose; use generate_until tasks"
         )
-    from PIL import Image
     from transformers import AutoProcessor
 
     try:
@@ -339,16 +339,6 @@ def _load_scorer(pretrained: str) -> _Scorer:
     except (OSError, ValueError) as exc:
         raise EvalModelError(f"cannot load the processor of {pretrained!r}: {exc}") from exc
 
-    def encode(images: list[np.ndarray], questions: list[str]) -> Mapping[str, Any]:
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for q in questions
-        ]
-        pil = [Image.fromarray(image) for image in images]
-        return dict(processor(images=pil, text=texts, padding=True, return_tensors="pt"))
+    encode = chat_encoder(processor)
 
     return _Scorer(encode, getattr(processor, "tokenizer", processor))
