@@ -6,12 +6,13 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.tokenprune-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: help install demo test test-slow lint typecheck docs docs-serve clean
+.PHONY: help install demo test test-slow lint typecheck docs docs-serve clean results
 
 help:
 	@echo "make demo       set up .venv and run the demo on the shipped default model"
 	@echo "make test       set up .venv, then lint, type-check, test (not slow) and build the docs"
 	@echo "make test-slow  the slow tests only"
+	@echo "make results    the full evaluation grid on the shipped model -> docs/results/shapes"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,16 @@ docs: $(STAMP)
 test: lint typecheck
 	$(BIN)/pytest -m "not slow" -q -n $(PYTEST_WORKERS)
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# Every method at every budget on the full test split of the shipped toy model (long: run it in
+# the background). Re-running resumes; docs/results/shapes/results.jsonl is not committed.
+RESULT_PIPELINES := random_11pct.toml cls_attention_topk64.yaml desap_11pct.yaml \
+	desap_dynamic_11pct.yaml visionzip_64.yaml prumerge_plus_64.yaml divprune_64.yaml \
+	tome_64.yaml pool_64.yaml fastv_k2_50pct.yaml desap_fastv_toy.yaml
+
+results: $(STAMP)
+	$(BIN)/tokenprune eval --model default --budgets 0.333,0.222,0.111,0.056 \
+		--batch-size 16 --out docs/results/shapes $(foreach c,$(RESULT_PIPELINES),--pipeline configs/$(c))
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow -q
