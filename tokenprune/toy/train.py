@@ -879,7 +879,7 @@ A small LLaVA-1.5 (`transformers.LlavaForConditionalGeneration`) trained from se
 `python -m tokenprune.toy.train --run-dir RUN --seed {seed} --export` (CPU, 2 cores).
 Load it offline with `tokenprune.toy.model.load_default_model()`; the language-model file is
 fetched once with `python -m tokenprune.toy.lm`.
-
+{status}
 ## Architecture
 - Vision tower: CLIP ViT trained here, 96 px images, 8 px patches (12x12 = 144 patch tokens +
   [CLS]), width {tower_hidden}, {tower_layers} pre-LN layers, {tower_heads} heads. The VLM reads
@@ -931,6 +931,30 @@ weights): {precision}
 """
 
 
+TARGETS = {"attribute": 0.90, "existence": 0.90, "overall": 0.70}
+"""Unpruned test accuracy the shipped model must reach (issue acceptance)."""
+
+
+def _status(recipe: Recipe, results: dict[str, object]) -> str:
+    """The model card's status paragraph: where training stopped and whether targets are met."""
+    lines = []
+    stopped = results.get("stopped_at")
+    if isinstance(stopped, int) and stopped < recipe.c_steps:
+        lines.append(
+            f"Training was stopped at stage-c step {stopped} of the {recipe.c_steps}-step "
+            "schedule (`--finish`); resuming the run directory continues it."
+        )
+    test = results.get("test")
+    acc = test.get("accuracy") if isinstance(test, dict) else None
+    if isinstance(acc, dict):
+        missed = [f"{k} {float(acc[k]):.3f} < {v}" for k, v in TARGETS.items() if acc[k] < v]
+        lines.append(
+            "Targets (test, unpruned: attribute and existence >= 0.90, overall >= 0.70): "
+            + ("met." if not missed else "**not met** (" + "; ".join(missed) + ").")
+        )
+    return "\n> **Status.** " + " ".join(lines) + "\n" if lines else ""
+
+
 def _precision_summary(precision: object) -> str:
     """Return a one-line summary of :func:`compare_precisions` output (or ``pending``)."""
     if not isinstance(precision, dict):
@@ -977,6 +1001,7 @@ def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -
         "step": results.get("step", "?"),
         "precision": _precision_summary(results.get("precision")),
         "files": "\n".join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items()),
+        "status": _status(recipe, results),
     }
     text = _CARD.format(**fields)
     (assets / "MODEL_CARD.md").write_text(text)
@@ -1009,6 +1034,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     p.add_argument("--export", action="store_true", help="copy results into tokenprune/toy/assets")
     p.add_argument("--assets", type=Path, default=ASSETS, help="export target")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--finish",
+        action="store_true",
+        help="stop training here: report on the exported checkpoint (test split, precision, "
+        "model card) without running further steps",
+    )
     for name in _INT_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(r, name))
     for name in _FLOAT_OPTIONS:
@@ -1067,7 +1098,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             export_vlm(vlm, recipe, run_dir, args.assets, accuracy, step, log)
 
-    train_qa_stage("c", vlm, projector + lora, recipe, run_dir, log, val, on_best)
+    stopped_at = recipe.c_steps
+    if args.finish:
+        ckpt = run_dir / "stage_c" / "ckpt.pt"
+        stopped_at = int(torch.load(ckpt, weights_only=True)["step"]) if ckpt.is_file() else 0
+        log(f"stage c: --finish, stopped at step {stopped_at} of {recipe.c_steps}")
+    else:
+        train_qa_stage("c", vlm, projector + lora, recipe, run_dir, log, val, on_best)
     if args.export:
         report = {
             "precision": compare_precisions(args.assets, val, log),
@@ -1078,7 +1115,12 @@ def main(argv: list[str] | None = None) -> int:
         write_model_card(
             args.assets,
             recipe,
-            {"validation": meta["validation_accuracy"], "step": meta["step"], **report},
+            {
+                "validation": meta["validation_accuracy"],
+                "step": meta["step"],
+                "stopped_at": stopped_at,
+                **report,
+            },
         )
         shutil.copy(run_dir / "log.txt", args.assets / "training_log.txt")
     log("done")
