@@ -304,6 +304,10 @@ def test_demo_pipelines_include_installed_reference_methods(tmp_path: Path) -> N
         assert desap.config is not None
         assert desap.config["scorer"]["text_encoder"] == str(tmp_path / "clip")
         runtime.parse_config(desap.config)  # valid without loading the encoder
+    if "desap_dynamic" in runtime.stages.names("selector"):
+        assert "desap_dynamic" in names
+    without = Runtime(autoload=False)  # built-ins only: the plugin methods drop out
+    assert [s.name for s in demo_pipelines(tmp_path / "clip", without)] == names[:2]
     for spec in specs:
         assert spec.config is not None
         assert spec.config["keep_ratio"] == float(DEMO_BUDGET)

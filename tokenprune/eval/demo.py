@@ -48,8 +48,27 @@ def _desap(clip_dir: Path) -> dict[str, Any]:
     }
 
 
-# Reference methods shipped as plugins: scorer name -> config builder (given the CLIP directory).
-REFERENCE_METHODS: dict[str, Callable[[Path], dict[str, Any]]] = {"desap": _desap}
+def _desap_dynamic(clip_dir: Path) -> dict[str, Any]:
+    return {
+        **_desap(clip_dir),
+        "selector": {"name": "desap_dynamic", "min_task_fraction": 0.25, "max_task_fraction": 0.75},
+    }
+
+
+# Reference methods shipped as plugins: pipeline name -> config builder (given the CLIP
+# directory). A method runs when every stage it names is installed.
+REFERENCE_METHODS: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "desap": _desap,
+    "desap_dynamic": _desap_dynamic,
+}
+
+
+def _installed(config: dict[str, Any], runtime: Runtime) -> bool:
+    return all(
+        config[role]["name"] in runtime.stages.names(role)
+        for role in ("scorer", "selector", "merger")
+        if role in config
+    )
 
 
 def demo_pipelines(clip_dir: Path, runtime: Runtime | None = None) -> list[PipelineSpec]:
@@ -60,16 +79,12 @@ def demo_pipelines(clip_dir: Path, runtime: Runtime | None = None) -> list[Pipel
         runtime: Runtime whose stages decide what is installed; a fresh one if omitted.
     """
     runtime = runtime or Runtime()
-    scorers = set(runtime.stages.names("scorer"))
-    specs = [
+    configs = {**_BASELINES, **{name: build(clip_dir) for name, build in REFERENCE_METHODS.items()}}
+    return [
         PipelineSpec(name, {**cfg, "keep_ratio": float(DEMO_BUDGET)})
-        for name, cfg in _BASELINES.items()
-        if cfg["scorer"]["name"] in scorers
+        for name, cfg in configs.items()
+        if _installed(cfg, runtime)
     ]
-    for name, build in REFERENCE_METHODS.items():
-        if name in scorers:
-            specs.append(PipelineSpec(name, {**build(clip_dir), "keep_ratio": float(DEMO_BUDGET)}))
-    return specs
 
 
 def run_demo(
