@@ -16,6 +16,6 @@ torch.set_num_threads(1)
 # `python -m tokenprune` runs the CLI when imported; doctest collection must not import it.
 collect_ignore = ["tokenprune/__main__.py"]
 # The lmms-eval model subclasses lmms-eval's base class on import: without the optional `lmms`
-# extra its module cannot be collected for doctests (tests/integrations skip themselves then).
+# extra its module cannot be collected for doctests (tests/eval/test_lmms_eval.py then skips).
 if find_spec("lmms_eval") is None:
-    collect_ignore.append("tokenprune/integrations/lmms_eval/model.py")
+    collect_ignore.append("tokenprune/eval/lmms_eval/model.py")

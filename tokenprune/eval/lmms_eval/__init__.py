@@ -5,15 +5,15 @@ the entry-point group ``lmms_eval.models`` (no patching of lmms-eval)::
 
     lmms-eval --model tokenprune \
         --model_args pretrained=shipped,pipeline=configs/cls_attention_topk64.yaml \
-        --tasks tokenprune_shapes --include_path "$(python -m tokenprune.integrations.lmms_eval)"
+        --tasks tokenprune_shapes --include_path "$(python -m tokenprune.eval.lmms_eval)"
 
 Pieces:
 
 * :func:`model_manifest`: the entry point; names the class by path, so lmms-eval imports it
   (and torch) only when ``--model tokenprune`` is asked for;
-* :mod:`~tokenprune.integrations.lmms_eval.model`: the model class (subclasses lmms-eval's
+* :mod:`~tokenprune.eval.lmms_eval.model`: the model class (subclasses lmms-eval's
   ``lmms``, so it imports lmms-eval);
-* :mod:`~tokenprune.integrations.lmms_eval.shapes` and :data:`TASKS_DIR`: the offline
+* :mod:`~tokenprune.eval.lmms_eval.shapes` and :data:`TASKS_DIR`: the offline
   ``tokenprune_shapes`` task (the shipped toy model's questions, scored like ``tokenprune eval``).
 
 This module imports lmms-eval only inside :func:`model_manifest`.
@@ -28,7 +28,7 @@ __all__ = ["INSTALL_HINT", "MODEL_CLASS", "MODEL_NAME", "TASKS_DIR", "model_mani
 
 MODEL_NAME = "tokenprune"
 """The ``--model`` name."""
-MODEL_CLASS = "tokenprune.integrations.lmms_eval.model.TokenPruneLMM"
+MODEL_CLASS = "tokenprune.eval.lmms_eval.model.TokenPruneLMM"
 """Import path of the model class, as lmms-eval's manifest wants it."""
 TASKS_DIR = Path(__file__).parent / "tasks"
 """Directory of the shipped task definitions: pass it to ``lmms-eval --include_path``."""

@@ -12,7 +12,7 @@ question ``i`` of every family, then question ``i + 1``. So ``lmms_eval --limit 
 exactly the samples of ``tokenprune eval --limit k`` (``k`` per family). Scoring is
 :meth:`tokenprune.eval.ShapesTask.score`: exact match after the task's normalisation.
 
-Regenerate the file with ``python -m tokenprune.integrations.lmms_eval --write-docs``; a test
+Regenerate the file with ``python -m tokenprune.eval.lmms_eval --write-docs``; a test
 checks that the shipped file equals :func:`shapes_docs`.
 
 Examples:
@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tokenprune.eval.lmms_eval import TASKS_DIR
 from tokenprune.eval.tasks import ShapesTask
-from tokenprune.integrations.lmms_eval import TASKS_DIR
 
 __all__ = [
     "DOCS_FILE",

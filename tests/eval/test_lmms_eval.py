@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="needs the optional extra: pip install 'tokenprune[lmms]'")
 
+from tokenprune.eval.lmms_eval import MODEL_NAME, TASKS_DIR
 from tokenprune.eval.runner import Budget, EvalSpec, load_pipeline_spec, run_eval
 from tokenprune.eval.tasks import ShapesTask
-from tokenprune.integrations.lmms_eval import MODEL_NAME, TASKS_DIR
 from tokenprune.plugin import Runtime
 from tokenprune.toy import lm as toy_lm
 from tokenprune.toy import model as toy_model
@@ -44,7 +44,7 @@ def _require_shipped_model() -> None:
 def test_registered_through_the_entry_point() -> None:
     from lmms_eval.models import get_model
 
-    from tokenprune.integrations.lmms_eval.model import TokenPruneLMM
+    from tokenprune.eval.lmms_eval.model import TokenPruneLMM
 
     assert get_model(MODEL_NAME) is TokenPruneLMM
 
@@ -99,8 +99,8 @@ def test_loglikelihood_of_the_greedy_answer_is_greedy() -> None:
     _require_shipped_model()
     from lmms_eval.api.instance import Instance
 
-    from tokenprune.integrations.lmms_eval import shapes
-    from tokenprune.integrations.lmms_eval.model import TokenPruneLMM
+    from tokenprune.eval.lmms_eval import shapes
+    from tokenprune.eval.lmms_eval.model import TokenPruneLMM
 
     lm = TokenPruneLMM(pretrained="shipped", pipeline=str(CONFIG), device="cpu")
     docs = shapes.shapes_docs(per_family=1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
+from tokenprune.eval.lmms_eval import TASKS_DIR, shapes
+from tokenprune.eval.lmms_eval.__main__ import main
 from tokenprune.eval.tasks import ShapesTask
-from tokenprune.integrations.lmms_eval import TASKS_DIR, shapes
-from tokenprune.integrations.lmms_eval.__main__ import main
 
 
 def test_shipped_docs_file_equals_the_generator() -> None:

@@ -1,7 +1,7 @@
 """The lmms-eval model ``tokenprune``: a VLM with a pruning pipeline installed.
 
 lmms-eval finds this class through the manifest of
-:func:`tokenprune.integrations.lmms_eval.model_manifest` (entry-point group
+:func:`tokenprune.eval.lmms_eval.model_manifest` (entry-point group
 ``lmms_eval.models``) and builds it from ``--model_args``:
 
 ============== ==================================================================================
@@ -39,6 +39,7 @@ import torch
 
 from tokenprune.adapters.base import QUERY_KWARG, PruneHandle
 from tokenprune.api import apply
+from tokenprune.eval.lmms_eval import INSTALL_HINT
 from tokenprune.eval.models import (
     DEFAULT_MODEL,
     EvalModel,
@@ -49,7 +50,6 @@ from tokenprune.eval.models import (
     toy_eval_model,
 )
 from tokenprune.eval.parallel import current_process, launched
-from tokenprune.integrations.lmms_eval import INSTALL_HINT
 
 try:
     from lmms_eval.api.instance import Instance
