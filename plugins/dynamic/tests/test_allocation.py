@@ -3,11 +3,8 @@ contract, errors, and LLaVA-NeXT / Video-LLaVA runs with the dynamic selector.""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,22 +24,7 @@ from tokenprune_desap.merger import NearestMerger
 from tokenprune_desap.scorer import DesapScorer
 from tokenprune_dynamic import DesapDynamicSelector, InformationAllocation
 
-
-def _load_reference() -> ModuleType:
-    name = "tokenprune_dynamic_tests_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_reference.py")
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ref = _load_reference()
+ref = importlib.import_module("tokenprune_dynamic_tests_reference")  # loaded by conftest
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -14,23 +11,7 @@ import torch
 from tokenprune_desap import functional as desap
 from tokenprune_dynamic import functional as F
 
-
-def _load_reference() -> ModuleType:
-    """Import the sibling ``_reference.py`` (works with pytest's importlib and prepend modes)."""
-    name = "tokenprune_dynamic_tests_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_reference.py")
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ref = _load_reference()
+ref = importlib.import_module("tokenprune_dynamic_tests_reference")  # loaded by conftest
 
 SIZES = [1, 2, 7, 16, 144]
 
