@@ -95,7 +95,8 @@ def test_end_to_end_writes_results_summary_and_plot(finished: Path, model: Any) 
     assert len(csv_lines) == 1 + 5
     with Image.open(finished / "accuracy.png") as png:
         assert png.format == "PNG"
-        assert png.size == (640, 420)
+        # overall + one panel per family (colour, bright) side by side, legend on the right
+        assert png.size == (1320, 360)
 
     (run,) = _lines(finished / RUNS_FILE)
     assert run["task"] == "tiny"

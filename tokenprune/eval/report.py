@@ -216,11 +216,27 @@ def summarize(
     return Summary(tuple(fams), rows)
 
 
-def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> Path:
-    """Plot overall accuracy vs visual tokens kept, one line per pipeline, to a PNG.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+_LINESTYLES = ("-", "--", ":", "-.")
 
-    The unpruned model is a dashed horizontal line. Uses matplotlib's Agg canvas directly (no
-    display, no global backend change).
+
+def _style(index: int) -> dict[str, Any]:
+    """Colour, marker and line style of the ``index``-th pipeline: distinct for 40 pipelines."""
+    return {
+        "color": f"C{index % 10}",
+        "marker": _MARKERS[index % len(_MARKERS)],
+        "linestyle": _LINESTYLES[(index // 10) % len(_LINESTYLES)],
+    }
+
+
+def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> Path:
+    """Plot accuracy vs visual tokens kept, one line per pipeline, to a PNG.
+
+    The first panel is overall accuracy; one small panel per task family follows (when the
+    summary has more than one family), all on the same axes. The unpruned model is a dashed
+    black line with a star at its token count. Pipelines differ in colour, marker and, past ten,
+    line style, and share one legend. Uses matplotlib's Agg canvas directly (no display, no
+    global backend change).
 
     Args:
         summary: The summary to plot.
@@ -233,44 +249,70 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    panels: list[str | None] = [None]
+    if len(summary.families) > 1:
+        panels.extend(summary.families)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols + 2.4, 3.0 * rows + 0.6), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    lines: dict[str, list[tuple[float, float]]] = {}
-    baseline: SummaryRow | None = None
-    for row in summary.rows:
-        if row.pipeline == BASELINE and row.budget == FULL_BUDGET:
-            baseline = row
-        elif row.kept_tokens is not None:
-            lines.setdefault(row.pipeline, []).append((row.kept_tokens, 100 * row.accuracy))
-    xs_all: list[float] = []
-    for name, points in lines.items():
-        points.sort()
-        xs, ys = zip(*points, strict=True)
-        xs_all.extend(xs)
-        ax.plot(xs, ys, marker="o", label=name)
-    if baseline is not None:
-        label = f"unpruned ({100 * baseline.accuracy:.1f}%)"
-        ax.axhline(100 * baseline.accuracy, color="black", linestyle="--", linewidth=1, label=label)
-        if baseline.kept_tokens is not None:
-            xs_all.append(baseline.kept_tokens)
-            ax.plot([baseline.kept_tokens], [100 * baseline.accuracy], "k*", markersize=9)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True).ravel()
+    baseline = next(
+        (r for r in summary.rows if r.pipeline == BASELINE and r.budget == FULL_BUDGET), None
+    )
+    pipelines = [r.pipeline for r in summary.rows if r is not baseline and r.kept_tokens]
+    names = list(dict.fromkeys(pipelines))
+    xs_all = [r.kept_tokens for r in summary.rows if r.kept_tokens]
+    for ax, family in zip(axes, panels, strict=False):
+        for i, name in enumerate(names):
+            points = sorted(
+                (r.kept_tokens, _value(r, family))
+                for r in summary.rows
+                if r.pipeline == name and r is not baseline and r.kept_tokens
+            )
+            points = [(x, y) for x, y in points if y is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, label=name, markersize=4, linewidth=1.2, **_style(i))
+        base = _value(baseline, family) if baseline is not None else None
+        if baseline is not None and base is not None:
+            ax.axhline(base, color="black", linestyle="--", linewidth=1, label="unpruned")
+            if baseline.kept_tokens is not None:
+                ax.plot([baseline.kept_tokens], [base], "k*", markersize=8)
+        ax.set_title("overall" if family is None else family, fontsize="medium")
+        ax.set_ylim(-3, 103)
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4:
-        ax.set_xscale("log")
-        ticks = sorted(set(xs_all))
-        ax.set_xticks(ticks, [_fmt_tokens(t) for t in ticks])
-        ax.minorticks_off()
-    ax.set_xlabel("visual tokens kept per sample")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+        ticks = sorted({float(x) for x in xs_all if x is not None})
+        for ax in axes[: len(panels)]:
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [_fmt_tokens(t) for t in ticks])
+            ax.minorticks_off()
+    for ax in axes[: len(panels)]:
+        if ax.get_subplotspec().is_last_row() or ax is axes[len(panels) - 1]:
+            ax.set_xlabel("visual tokens kept per sample")
+            ax.tick_params(labelbottom=True)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("accuracy (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if baseline is not None:
+        overall = f"unpruned ({100 * baseline.accuracy:.1f}% overall)"
+        labels = [overall if lb == BASELINE else lb for lb in labels]
+    fig.legend(handles, labels, loc="center right", fontsize="small", frameon=False)
     if title:
-        ax.set_title(title)
-    fig.tight_layout()
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def _value(row: SummaryRow, family: str | None) -> float | None:
+    """Accuracy of ``row`` in percent: overall (``family=None``) or of one family."""
+    value = row.accuracy if family is None else row.family_accuracy.get(family)
+    return None if value is None else 100 * value
 
 
 def write_report(summary: Summary, out_dir: Path, *, title: str | None = None) -> dict[str, Path]:
