@@ -12,6 +12,7 @@ from tokenprune.testing import make_context
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHOD_CONFIGS = [
     "visionzip_64.yaml",
+    "prumerge_64.yaml",
     "prumerge_plus_64.yaml",
     "divprune_64.yaml",
     "tome_64.yaml",
