@@ -45,11 +45,11 @@ test: lint typecheck
 # Every method at every budget on the full test split of the shipped toy model (long: run it in
 # the background). Re-running resumes; docs/results/shapes/results.jsonl is not committed.
 RESULT_PIPELINES := random_11pct.toml cls_attention_topk64.yaml desap_11pct.yaml \
-	desap_dynamic_11pct.yaml visionzip_64.yaml prumerge_plus_64.yaml divprune_64.yaml \
-	tome_64.yaml pool_64.yaml fastv_k2_50pct.yaml desap_fastv_toy.yaml
+	desap_dynamic_11pct.yaml visionzip_64.yaml prumerge_64.yaml prumerge_plus_64.yaml \
+	divprune_64.yaml tome_64.yaml pool_64.yaml fastv_k2_50pct.yaml desap_fastv_toy.yaml
 
 results: $(STAMP)
-	$(BIN)/tokenprune eval --model default --budgets 0.333,0.222,0.111,0.056 \
+	$(BIN)/tokenprune eval --model default --budgets 0.333,0.222,0.111,0.056 --limit 300 \
 		--batch-size 16 --out docs/results/shapes $(foreach c,$(RESULT_PIPELINES),--pipeline configs/$(c))
 
 test-slow: $(STAMP)
