@@ -290,8 +290,8 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
             ax.set_xscale("log")
             ax.set_xticks(ticks, [_fmt_tokens(t) for t in ticks])
             ax.minorticks_off()
-    for ax in axes[: len(panels)]:
-        if ax.get_subplotspec().is_last_row() or ax is axes[len(panels) - 1]:
+    for i, ax in enumerate(axes[: len(panels)]):
+        if i + cols >= len(panels):  # no visible panel below: label its x axis
             ax.set_xlabel("visual tokens kept per sample")
             ax.tick_params(labelbottom=True)
         if ax.get_subplotspec().is_first_col():
