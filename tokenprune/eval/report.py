@@ -260,22 +260,21 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     baseline = next(
         (r for r in summary.rows if r.pipeline == BASELINE and r.budget == FULL_BUDGET), None
     )
-    pipelines = [r.pipeline for r in summary.rows if r is not baseline and r.kept_tokens]
-    names = list(dict.fromkeys(pipelines))
-    xs_all = [r.kept_tokens for r in summary.rows if r.kept_tokens]
+    # (tokens, row) per pipeline in table order, sorted by tokens: the points of its line.
+    lines: dict[str, list[tuple[float, SummaryRow]]] = {}
+    for r in summary.rows:
+        if r is not baseline and r.kept_tokens:
+            lines.setdefault(r.pipeline, []).append((r.kept_tokens, r))
+    for points in lines.values():
+        points.sort(key=lambda point: point[0])
+    xs_all = sorted({r.kept_tokens for r in summary.rows if r.kept_tokens})
     for ax, family in zip(axes, panels, strict=False):
-        for i, name in enumerate(names):
-            points = sorted(
-                (r.kept_tokens, _value(r, family))
-                for r in summary.rows
-                if r.pipeline == name and r is not baseline and r.kept_tokens
-            )
-            points = [(x, y) for x, y in points if y is not None]
-            if points:
-                xs, ys = zip(*points, strict=True)
+        for i, (name, points) in enumerate(lines.items()):
+            xy = [(x, y) for x, r in points if (y := _value(r, family)) is not None]
+            if xy:
+                xs, ys = zip(*xy, strict=True)
                 ax.plot(xs, ys, label=name, markersize=4, linewidth=1.2, **_style(i))
-        base = _value(baseline, family) if baseline is not None else None
-        if baseline is not None and base is not None:
+        if baseline is not None and (base := _value(baseline, family)) is not None:
             ax.axhline(base, color="black", linestyle="--", linewidth=1, label="unpruned")
             if baseline.kept_tokens is not None:
                 ax.plot([baseline.kept_tokens], [base], "k*", markersize=8)
@@ -285,10 +284,9 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 4:
-        ticks = sorted({float(x) for x in xs_all if x is not None})
         for ax in axes[: len(panels)]:
             ax.set_xscale("log")
-            ax.set_xticks(ticks, [_fmt_tokens(t) for t in ticks])
+            ax.set_xticks(xs_all, [_fmt_tokens(t) for t in xs_all])
             ax.minorticks_off()
     for i, ax in enumerate(axes[: len(panels)]):
         if i + cols >= len(panels):  # no visible panel below: label its x axis
