@@ -443,18 +443,11 @@ def test_a_prompt_ending_in_an_image_is_refused(model: nn.Module, runtime: Runti
 
 
 # -- the shipped model ---------------------------------------------------------------------------
-def test_multi_stage_generate_on_the_shipped_model() -> None:
+def test_multi_stage_generate_on_the_shipped_model(shipped_toy_model: None) -> None:
     """DeSAP at the encoder (a third of 144 tokens) then FastV to 16 before layer 2, batch 2."""
-    from tokenprune.toy import lm as toy_lm
     from tokenprune.toy import model as toy_model
     from tokenprune.toy import task
 
-    if not (toy_model.ASSETS / "vlm" / toy_model.TRAINED_FILE).is_file():
-        pytest.skip("no shipped toy model yet (run the training with --export)")
-    try:
-        toy_lm.gguf_path()
-    except toy_lm.LMFileMissingError as err:
-        pytest.skip(f"LM file absent ({err})")
     model, proc = toy_model.load_default_model()
     examples = [task.make_example("test", i, "attribute", 0) for i in range(2)]
     questions = [e.question.text for e in examples]

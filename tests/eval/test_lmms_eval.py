@@ -1,7 +1,7 @@
 """``lmms-eval --model tokenprune`` on the shipped toy model agrees with ``tokenprune eval``.
 
-Skipped without the optional ``lmms`` extra, and without the shipped model's trained weights or
-its language-model file (the same conditions as the toy model's own asset test).
+Skipped without the optional ``lmms`` extra. Without the shipped model's trained weights or its
+language-model file the ``shipped_toy_model`` fixture skips (fails under ``CI=true``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from tokenprune.eval.lmms_eval import MODEL_NAME, TASKS_DIR
 from tokenprune.eval.runner import Budget, EvalSpec, load_pipeline_spec, run_eval
 from tokenprune.eval.tasks import ShapesTask
 from tokenprune.plugin import Runtime
-from tokenprune.toy import lm as toy_lm
-from tokenprune.toy import model as toy_model
 
 CONFIG = Path(__file__).parents[2] / "configs" / "cls_attention_topk64.yaml"
 PER_FAMILY = 2  # 10 questions: lmms-eval --limit 10 == tokenprune eval --limit 2
@@ -32,15 +30,6 @@ pytestmark = [
 ]
 
 
-def _require_shipped_model() -> None:
-    if not (toy_model.ASSETS / "vlm" / toy_model.TRAINED_FILE).is_file():
-        pytest.skip(f"no shipped toy model under {toy_model.ASSETS} yet (run the training)")
-    try:
-        toy_lm.gguf_path()
-    except toy_lm.LMFileMissingError as err:
-        pytest.skip(f"LM file absent ({err})")
-
-
 def test_registered_through_the_entry_point() -> None:
     from lmms_eval.models import get_model
 
@@ -50,8 +39,7 @@ def test_registered_through_the_entry_point() -> None:
 
 
 @pytest.fixture(scope="module")
-def lmms_run() -> dict[str, Any]:
-    _require_shipped_model()
+def lmms_run(shipped_toy_model: None) -> dict[str, Any]:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -95,8 +83,7 @@ def test_answers_and_score_equal_tokenprune_eval(lmms_run: dict[str, Any], tmp_p
     assert score == pytest.approx(row.accuracy)
 
 
-def test_loglikelihood_of_the_greedy_answer_is_greedy() -> None:
-    _require_shipped_model()
+def test_loglikelihood_of_the_greedy_answer_is_greedy(shipped_toy_model: None) -> None:
     from lmms_eval.api.instance import Instance
 
     from tokenprune.eval.lmms_eval import shapes

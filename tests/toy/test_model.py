@@ -157,15 +157,9 @@ def test_missing_lm_file_names_fetch_command(tmp_path: Path) -> None:
         toy_lm.gguf_path(tmp_path)
 
 
-def test_shipped_assets_load() -> None:
+def test_shipped_assets_load(shipped_toy_model: None) -> None:
     """The shipped model assembles offline and answers; its tower equals the shipped CLIP's."""
     assets = toy_model.ASSETS
-    if not (assets / "vlm" / toy_model.TRAINED_FILE).is_file():
-        pytest.skip(f"no shipped toy model under {assets} yet (run the training with --export)")
-    try:
-        toy_lm.gguf_path()
-    except toy_lm.LMFileMissingError as err:
-        pytest.skip(f"LM file absent ({err})")
     model, proc = toy_model.load_default_model()
     clip, _ = toy_model.load_default_clip()
     for k, v in model.model.vision_tower.state_dict().items():
