@@ -333,12 +333,16 @@ def _spatial(scene: Scene, rng: np.random.Generator, target: str) -> Question | 
     return Question("spatial", f"Is the {a.name} {relation} the {b.name}?", target)
 
 
+DESCRIBE_QUESTION = "Describe the image."
+"""The weak-text-cue question: it names nothing to look at."""
+
+
 def _describe(scene: Scene, rng: np.random.Generator, target: str) -> Question | None:
     del rng
     o = scene.largest
     if target != o.colour:
         return None
-    return Question("describe", "Describe the image.", o.name)
+    return Question("describe", DESCRIBE_QUESTION, o.name)
 
 
 _MAKERS = {

@@ -86,6 +86,13 @@ class Recipe:
         c_lr: Stage-c learning rate (projector and LoRA).
         images_per_step: Images per step in stages b and c.
         questions_per_image: Questions per image in stage c (plus one caption).
+        attention_weight: Weight of the object-attention loss in stage c (``0`` = off): at
+            every suffix token that names a colour or a shape, the heads in
+            :data:`ATTENTION_HEADS` are trained to put their attention on the image patches of
+            the objects the word names (see :func:`object_attention_targets`).
+        listings_per_image: Binding listings per image in stage c (``0`` = none): targets such
+            as ``"the star is red , the circle is blue"`` in a random object order, which
+            supervise the shape-to-colour lookup once per object instead of once per question.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha.
         val_per_family: Validation questions per family.
@@ -107,6 +114,8 @@ class Recipe:
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
+    listings_per_image: int = 0
+    attention_weight: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 32
     val_per_family: int = 40
@@ -417,6 +426,9 @@ def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CAPTION_QUESTION = "List the objects."
+LISTING_QUESTION = "What colour is each shape?"
+ATTENTION_HEADS = ((3, 0), (4, 0))
+"""``(layer, head)`` pairs of the LM whose attention the object-attention loss supervises."""
 
 
 @dataclass
@@ -571,21 +583,106 @@ def encode_targets(
     return ids, mask, lab
 
 
+def object_attention_targets(
+    tok: PreTrainedTokenizerBase,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Return, per suffix position, the image patches that the next word depends on.
+
+    - A colour word names the patches of that colour; a shape word those of that shape,
+      restricted to the colour of the word before it when that is a colour word ("blue
+      triangle").
+    - ``is`` after a shape word (binding listings: "the star is") keeps the shape word's patches.
+    - The position that predicts the answer gets every patch the question names, or the largest
+      object's patches for a question that names nothing but describes the image.
+
+    Positions that name nothing, or name objects absent from the image, get no patch.
+
+    Args:
+        tok: LM tokenizer (colour and shape words are single tokens with a leading space).
+        ids: Suffix token ids.
+        labels: Answer labels of the suffixes (``-100`` outside answers, unshifted).
+        patches: Per-patch ``(colour, shape, largest)`` ids of each row's image (colour and
+            shape: 0 background, else 1 + index; largest: 1 on the largest object).
+
+    Returns:
+        Boolean targets.
+
+    Shape:
+        - ids, labels: ``(N, L)``; each of ``patches``: ``(N, P)``.
+        - Output: ``(N, L, P)``.
+    """
+    colour, shape, largest = patches
+
+    def first_id(word: str) -> int:
+        return int(tok(" " + word, add_special_tokens=False)["input_ids"][0])
+
+    colour_of = {first_id(c): i + 1 for i, c in enumerate(task.COLOUR_NAMES)}
+    shape_of = {first_id(c): i + 1 for i, c in enumerate(task.SHAPES)}
+    is_id = first_id("is")
+    describe = tok(task.DESCRIBE_QUESTION, add_special_tokens=False)["input_ids"]
+    n, length = ids.shape
+    out = torch.zeros(n, length, colour.shape[1], dtype=torch.bool)
+    for r, row in enumerate(ids.tolist()):
+        answer = int((labels[r] != -100).nonzero()[0]) - 1 if (labels[r] != -100).any() else -1
+        for t, token in enumerate(row[: answer if answer >= 0 else length]):
+            if token in colour_of:
+                out[r, t] = colour[r] == colour_of[token]
+            elif token in shape_of:
+                hit = shape[r] == shape_of[token]
+                if t > 0 and row[t - 1] in colour_of:
+                    hit &= colour[r] == colour_of[row[t - 1]]
+                out[r, t] = hit
+        if answer > 0:
+            question = out[r, :answer].any(0)
+            if not question.any() and _contains(row[:answer], describe):
+                question = largest[r] == 1
+            out[r, answer] = question
+        for t in range(answer + 1, length):
+            token = row[t]
+            if token in colour_of:
+                out[r, t] = colour[r] == colour_of[token]
+            elif token in shape_of:
+                hit = shape[r] == shape_of[token]
+                if row[t - 1] in colour_of:
+                    hit &= colour[r] == colour_of[row[t - 1]]
+                out[r, t] = hit
+            elif token == is_id and row[t - 1] in shape_of:
+                out[r, t] = out[r, t - 1]
+    return out
+
+
+def _contains(row: list[int], part: list[int]) -> bool:
+    """Return whether ``part`` occurs contiguously in ``row``."""
+    return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
+
+
 def qa_loss(
-    vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]
+    vlm: Vlm,
+    feats: torch.Tensor,
+    groups: list[list[tuple[str, str]]],
+    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    attention_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the answer loss for several suffix groups sharing one image prefix per image.
 
     The image prefix (``USER: `` + 144 projected tokens) runs once; each group (same number of
-    suffixes per image) runs on a repeated copy of its cache.
+    suffixes per image) runs on a repeated copy of its cache. With ``attention_weight`` > 0 and
+    per-patch labels, the object-attention loss (:func:`object_attention_targets`, heads
+    :data:`ATTENTION_HEADS`, ``-log`` of the attention mass on the named patches) is added.
 
     Args:
         vlm: The VLM.
         feats: Tower features ``(B, 144, H)``.
         groups: Per group, ``B * k`` ``(question, answer)`` pairs, image-major.
+        patches: Per-patch ``(colour, shape, largest)`` labels of the images, each
+            ``(B, 144)`` (see :func:`object_attention_targets`).
+        attention_weight: Weight of the object-attention loss.
 
     Returns:
-        ``(mean loss over groups, {"loss_g<i>": ...})``.
+        ``(mean loss over groups, {"loss_g<i>": ..., "attn_g<i>": ...})``.
     """
     model = vlm.model
     lm = model.model.language_model
@@ -596,20 +693,41 @@ def qa_loss(
     cache = DynamicCache()
     lm(inputs_embeds=embeds, cache=cache, use_cache=True)
     p_len = embeds.shape[1]
+    first = len(vlm.prefix_ids)
+    supervise = patches is not None and attention_weight > 0
     losses, stats = [], {}
     for gi, pairs in enumerate(groups):
         k = len(pairs) // b
         ids, mask, labels = encode_targets(vlm.tok, pairs, vlm.eos_id)
         full_mask = torch.cat([torch.ones(len(pairs), p_len, dtype=torch.long), mask], 1)
         out = lm(
-            input_ids=ids, attention_mask=full_mask, cache=repeat_cache(cache, k), use_cache=True
+            input_ids=ids,
+            attention_mask=full_mask,
+            cache=repeat_cache(cache, k),
+            use_cache=True,
+            output_attentions=supervise,
         )
         target = labels[:, 1:]
         keep = target != -100
         logits = model.lm_head(out.last_hidden_state[:, :-1][keep]).float()
         loss = F.cross_entropy(logits, target[keep])
-        losses.append(loss)
         stats[f"loss_g{gi}"] = loss.item()
+        if supervise:
+            assert patches is not None
+            colour, shape, largest = (p.repeat_interleave(k, 0) for p in patches)
+            named = object_attention_targets(vlm.tok, ids, labels, (colour, shape, largest))
+            named &= mask.bool().unsqueeze(-1)
+            rows = named.any(-1)
+            if rows.any():
+                terms = []
+                for layer, head in ATTENTION_HEADS:
+                    attn = out.attentions[layer][:, head, :, first : first + named.shape[-1]]
+                    mass = (attn.float() * named).sum(-1)[rows]
+                    terms.append(-torch.log(mass + 1e-6).mean())
+                attn_loss = torch.stack(terms).mean()
+                stats[f"attn_g{gi}"] = attn_loss.item()
+                loss = loss + attention_weight * attn_loss
+        losses.append(loss)
     return torch.stack(losses).mean(), stats
 
 
@@ -715,8 +833,12 @@ def train_qa_stage(
         idx = [offset + step * n_img + i for i in range(n_img)]
         groups = stage_groups(name, idx, step, recipe)
         feats = tower_features(vlm, idx, recipe.seed)
+        patches = None
+        if name == "c" and recipe.attention_weight > 0:
+            labels = render_batch([task.train_scene(recipe.seed, i)[0] for i in idx])
+            patches = (labels.colour, labels.shape, labels.largest)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss, stats = qa_loss(vlm, feats, groups)
+            loss, stats = qa_loss(vlm, feats, groups, patches, recipe.attention_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -771,12 +893,40 @@ def training_answer_histogram(recipe: Recipe, steps: int = 50) -> dict[str, dict
     return {f: dict(c.most_common(10)) for f, c in hist.items()}
 
 
+def binding_listing(scene: task.Scene, rng: np.random.Generator) -> str:
+    """Return ``"the star is red , the circle is blue , ..."`` over the objects in random order.
+
+    Args:
+        scene: The scene.
+        rng: Random generator (advanced in place).
+
+    Returns:
+        The listing.
+
+    Examples:
+        >>> from tokenprune.toy import task
+        >>> scene, _ = task.train_scene(0, 0)
+        >>> text = binding_listing(scene, np.random.default_rng(0))
+        >>> sorted(text.split(" , ")) == sorted(
+        ...     f"the {o.shape} is {o.colour}" for o in scene.objects
+        ... )
+        True
+    """
+    order = rng.permutation(len(scene.objects)).tolist()
+    return " , ".join(f"the {scene.objects[i].shape} is {scene.objects[i].colour}" for i in order)
+
+
 def stage_groups(
     name: str, idx: list[int], step: int, recipe: Recipe
 ) -> list[list[tuple[str, str]]]:
-    """Return the target groups of one step: captions (b), or questions then captions (c)."""
+    """Return the target groups of one step.
+
+    Stage b: captions. Stage c: questions, then captions, then binding listings when
+    ``recipe.listings_per_image`` > 0.
+    """
     captions = []
     questions = []
+    listings = []
     for i in idx:
         scene, _rng = task.train_scene(recipe.seed, i)
         captions.append((CAPTION_QUESTION, scene.caption()))
@@ -786,7 +936,14 @@ def stage_groups(
                 (q.text, q.answer)
                 for q in task.training_questions(scene, qrng, recipe.questions_per_image)
             ]
-    return [captions] if name == "b" else [questions, captions]
+            lrng = task.rng_for(task.SPLITS["train"], recipe.seed, "listings", step, i)
+            listings += [
+                (LISTING_QUESTION, binding_listing(scene, lrng))
+                for _ in range(recipe.listings_per_image)
+            ]
+    if name == "b":
+        return [captions]
+    return [questions, captions, listings] if listings else [questions, captions]
 
 
 # ----------------------------------------------------------------------------- export and report
@@ -910,8 +1067,8 @@ b. Projector alignment on reading-order captions ("red star , blue circle , ..."
    frozen: {b_steps} steps of {images_per_step} images.
 c. Instruction tuning, tower frozen, LM frozen + LoRA (not full tuning: 135 M parameters do not
    train on 2 CPU cores in the budget, and LoRA keeps the pretrained LM intact): {c_steps} steps
-   of {images_per_step} images x ({questions_per_image} questions + 1 caption); the image prefix
-   runs once per image and its KV cache is repeated per question.
+   of {stage_c_batch}; the image prefix
+   runs once per image and its KV cache is repeated per question.{extra_losses}
 Every step renders fresh scenes. Training runs in float32 (bf16 autocast hit a slow reference
 bf16 GEMM in the attention backward on this CPU).
 
@@ -966,6 +1123,29 @@ def _precision_summary(precision: object) -> str:
     return "; ".join(parts) + f"; identical answers: {precision['identical_answers']}."
 
 
+def _stage_c_extras(recipe: Recipe) -> dict[str, str]:
+    """Return the model card's words for the optional stage-c targets and losses."""
+    targets = (
+        f" + {recipe.listings_per_image} binding listing ('the star is red , ...')"
+        if recipe.listings_per_image
+        else ""
+    )
+    losses = (
+        f"\n   Object-attention loss (weight {recipe.attention_weight}): LM heads "
+        f"{', '.join(f'{layer}.{head}' for layer, head in ATTENTION_HEADS)} (layer.head) are "
+        "trained to attend to the patches that each colour or shape word names, and at the "
+        "answer position to those the question names; methods that read LM attention may rank "
+        "differently on this model."
+        if recipe.attention_weight
+        else ""
+    )
+    batch = (
+        f"{recipe.images_per_step} images x ({recipe.questions_per_image} questions + 1 caption"
+        f"{targets})"
+    )
+    return {"stage_c_batch": batch, "extra_losses": losses}
+
+
 def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -> None:
     """Write ``assets/MODEL_CARD.md`` from the recipe and the latest results.
 
@@ -1002,6 +1182,7 @@ def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -
         "precision": _precision_summary(results.get("precision")),
         "files": "\n".join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items()),
         "status": _status(recipe, results),
+        **_stage_c_extras(recipe),
     }
     text = _CARD.format(**fields)
     (assets / "MODEL_CARD.md").write_text(text)
@@ -1016,11 +1197,13 @@ _INT_OPTIONS = (
     "lm_layers",
     "b_steps",
     "c_steps",
+    "questions_per_image",
+    "listings_per_image",
     "eval_every",
     "val_per_family",
     "test_per_family",
 )
-_FLOAT_OPTIONS = ("a_lr", "a_target", "b_lr", "c_lr")
+_FLOAT_OPTIONS = ("a_lr", "a_target", "b_lr", "c_lr", "attention_weight")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
