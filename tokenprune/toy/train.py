@@ -627,29 +627,20 @@ def object_attention_targets(
     out = torch.zeros(n, length, colour.shape[1], dtype=torch.bool)
     for r, row in enumerate(ids.tolist()):
         answer = int((labels[r] != -100).nonzero()[0]) - 1 if (labels[r] != -100).any() else -1
-        for t, token in enumerate(row[: answer if answer >= 0 else length]):
-            if token in colour_of:
+        for t, token in enumerate(row):
+            if t == answer:
+                question = out[r, :t].any(0)
+                if not question.any() and _contains(row[:t], describe):
+                    question = largest[r] == 1
+                out[r, t] = question if t > 0 else False
+            elif token in colour_of:
                 out[r, t] = colour[r] == colour_of[token]
             elif token in shape_of:
                 hit = shape[r] == shape_of[token]
                 if t > 0 and row[t - 1] in colour_of:
                     hit &= colour[r] == colour_of[row[t - 1]]
                 out[r, t] = hit
-        if answer > 0:
-            question = out[r, :answer].any(0)
-            if not question.any() and _contains(row[:answer], describe):
-                question = largest[r] == 1
-            out[r, answer] = question
-        for t in range(answer + 1, length):
-            token = row[t]
-            if token in colour_of:
-                out[r, t] = colour[r] == colour_of[token]
-            elif token in shape_of:
-                hit = shape[r] == shape_of[token]
-                if row[t - 1] in colour_of:
-                    hit &= colour[r] == colour_of[row[t - 1]]
-                out[r, t] = hit
-            elif token == is_id and row[t - 1] in shape_of:
+            elif t > max(answer, 0) and token == is_id and row[t - 1] in shape_of:
                 out[r, t] = out[r, t - 1]
     return out
 
