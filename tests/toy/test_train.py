@@ -32,6 +32,7 @@ from tokenprune.toy.train import (
     qa_loss,
     render_batch,
     stage_groups,
+    tower_features,
     write_model_card,
 )
 
@@ -128,7 +129,21 @@ def test_object_attention_targets_name_the_patches_of_each_word(
         (" star", [3, 4]),  # after a colour word: blue stars only
         (":", [3, 4]),
     ]
+    assert targets("Is there a red star?", "yes") == [
+        (" red", [1, 2]),
+        (" star", [1]),
+        (":", [1]),  # the named object only, not every red patch
+    ]
+    assert targets("Is there a red cross?", "no") == [(" red", [1, 2])]  # absent: no target
     assert targets("Is there a green cross?", "no") == []  # absent: nothing to attend to
+    assert targets("How many red objects?", "two") == [(" red", [1, 2]), (":", [1, 2])]
+    assert targets("Is the red circle left of the blue star?", "yes") == [
+        (" red", [1, 2]),
+        (" circle", [2]),
+        (" blue", [3, 4]),
+        (" star", [3, 4]),
+        (":", [2, 3, 4]),  # both named objects
+    ]
     assert targets(task.DESCRIBE_QUESTION, "red circle") == [
         (":", [2]),  # names nothing: the largest object
         (" red", [1, 2]),
@@ -144,9 +159,8 @@ def test_object_attention_targets_name_the_patches_of_each_word(
     ]
 
 
-def test_object_attention_loss_adds_the_weighted_attention_term(
-    lm_tokenizer: PreTrainedTokenizerBase,
-) -> None:
+def _tiny_vlm(lm_tokenizer: PreTrainedTokenizerBase) -> Vlm:
+    """A seeded random LLaVA with the shipped tokenizer, deep enough for ``ATTENTION_HEADS``."""
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
         hidden_size=16,
@@ -169,6 +183,14 @@ def test_object_attention_loss_adds_the_weighted_attention_term(
     model.set_attn_implementation("eager")
     prefix = lm_tokenizer("USER: ", add_special_tokens=False)["input_ids"]
     vlm = Vlm(model, SimpleNamespace(tokenizer=lm_tokenizer), prefix, lm_tokenizer.eos_token_id)
+    return vlm
+
+
+def test_object_attention_loss_adds_the_weighted_attention_term(
+    lm_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    vlm = _tiny_vlm(lm_tokenizer)
+    model = vlm.model
     scenes = [task.train_scene(0, i)[0] for i in range(2)]
     labels = render_batch(scenes)
     feats = torch.randn(2, task.NUM_PATCHES, 16)
@@ -205,3 +227,16 @@ def test_model_card_states_the_optional_stage_c_targets_and_losses(tmp_path: Pat
     assert "Object-attention" not in plain_card
     assert "(8 questions + 1 caption + 1 binding listing" in extra_card
     assert "Object-attention loss (weight 0.5)" in extra_card
+
+
+def test_tower_features_take_already_rendered_scenes(
+    lm_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    vlm = _tiny_vlm(lm_tokenizer)
+    idx = [10_000_000, 10_000_001]
+    labels = render_batch([task.train_scene(0, i)[0] for i in idx])
+    rendered_here = tower_features(vlm, idx, 0)
+    assert rendered_here.shape == (2, task.NUM_PATCHES, 16)
+    assert torch.equal(tower_features(vlm, idx, 0, labels.images), rendered_here)
+    with pytest.raises(ValueError, match="images has 1 scenes but indices has 2"):
+        tower_features(vlm, idx, 0, labels.images[:1])

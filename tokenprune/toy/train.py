@@ -400,13 +400,17 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     return clip
 
 
-def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
+def tower_features(
+    vlm: Vlm, indices: list[int], seed: int, images: np.ndarray | None = None
+) -> torch.Tensor:
     """Render training scenes and return the frozen tower's layer -2 patch features.
 
     Args:
         vlm: The VLM (its vision tower is frozen).
         indices: Training scene indices.
         seed: Dataset seed.
+        images: The scenes already rendered (``uint8``, ``(len(indices), 96, 96, 3)``), e.g.
+            by :func:`render_batch`; rendered here when ``None``.
 
     Returns:
         Features, ``[CLS]`` dropped.
@@ -414,7 +418,13 @@ def tower_features(vlm: Vlm, indices: list[int], seed: int) -> torch.Tensor:
     Shape:
         ``(len(indices), 144, H)``.
     """
-    images = np.stack([task.render(task.train_scene(seed, i)[0])[0] for i in indices])
+    if images is None:
+        images = np.stack([task.render(task.train_scene(seed, i)[0])[0] for i in indices])
+    elif len(images) != len(indices):
+        raise ValueError(
+            f"images has {len(images)} scenes but indices has {len(indices)}: pass the images "
+            "rendered from exactly these training scenes, or leave images=None"
+        )
     with torch.no_grad():
         out = vlm.model.model.vision_tower(
             pixel_values=pixel_values(images), output_hidden_states=True
@@ -595,8 +605,11 @@ def object_attention_targets(
       restricted to the colour of the word before it when that is a colour word ("blue
       triangle").
     - ``is`` after a shape word (binding listings: "the star is") keeps the shape word's patches.
-    - The position that predicts the answer gets every patch the question names, or the largest
-      object's patches for a question that names nothing but describes the image.
+    - The position that predicts the answer gets the patches of every object the question
+      names: each shape word's (with its colour word, so "Is there a blue triangle?" keeps only
+      blue triangles) and each colour word's that no shape word follows ("How many red
+      objects?"); or the largest object's patches for a question that names nothing but
+      describes the image.
 
     Positions that name nothing, or name objects absent from the image, get no patch.
 
@@ -629,8 +642,13 @@ def object_attention_targets(
         answer = int((labels[r] != -100).nonzero()[0]) - 1 if (labels[r] != -100).any() else -1
         for t, token in enumerate(row):
             if t == answer:
-                question = out[r, :t].any(0)
-                if not question.any() and _contains(row[:t], describe):
+                named = [
+                    out[r, u]
+                    for u in range(t)
+                    if row[u] in shape_of or (row[u] in colour_of and row[u + 1] not in shape_of)
+                ]
+                question = torch.stack(named).any(0) if named else torch.zeros_like(out[r, t])
+                if not named and _contains(row[:t], describe):
                     question = largest[r] == 1
                 out[r, t] = question if t > 0 else False
             elif token in colour_of:
@@ -823,11 +841,11 @@ def train_qa_stage(
         offset = 0 if name == "b" else 10_000_000
         idx = [offset + step * n_img + i for i in range(n_img)]
         groups = stage_groups(name, idx, step, recipe)
-        feats = tower_features(vlm, idx, recipe.seed)
-        patches = None
+        patches, images = None, None
         if name == "c" and recipe.attention_weight > 0:
             labels = render_batch([task.train_scene(recipe.seed, i)[0] for i in idx])
-            patches = (labels.colour, labels.shape, labels.largest)
+            patches, images = (labels.colour, labels.shape, labels.largest), labels.images
+        feats = tower_features(vlm, idx, recipe.seed, images)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
             loss, stats = qa_loss(vlm, feats, groups, patches, recipe.attention_weight)
         opt.zero_grad(set_to_none=True)
@@ -1125,8 +1143,8 @@ def _stage_c_extras(recipe: Recipe) -> dict[str, str]:
         f"\n   Object-attention loss (weight {recipe.attention_weight}): LM heads "
         f"{', '.join(f'{layer}.{head}' for layer, head in ATTENTION_HEADS)} (layer.head) are "
         "trained to attend to the patches that each colour or shape word names, and at the "
-        "answer position to those the question names; methods that read LM attention may rank "
-        "differently on this model."
+        "answer position to the objects the question names; methods that read LM attention "
+        "may rank differently on this model."
         if recipe.attention_weight
         else ""
     )
