@@ -25,6 +25,7 @@ from tokenprune.toy.train import (
     Recipe,
     Vlm,
     _status,
+    absent_object_positions,
     binding_listing,
     encode_targets,
     object_attention_targets,
@@ -217,7 +218,7 @@ def test_model_card_states_the_optional_stage_c_targets_and_losses(tmp_path: Pat
     write_model_card(plain, Recipe(), {"validation": {"overall": 0.5}, "step": 3})
     write_model_card(
         extra,
-        Recipe(listings_per_image=1, attention_weight=0.5),
+        Recipe(listings_per_image=1, attention_weight=0.5, absent_targets=True),
         {"validation": {"overall": 0.5}, "step": 3},
     )
     plain_card = (plain / "MODEL_CARD.md").read_text()
@@ -227,6 +228,7 @@ def test_model_card_states_the_optional_stage_c_targets_and_losses(tmp_path: Pat
     assert "Object-attention" not in plain_card
     assert "(8 questions + 1 caption + 1 binding listing" in extra_card
     assert "Object-attention loss (weight 0.5)" in extra_card
+    assert "keep it off the image when none of them is present" in extra_card
 
 
 def test_tower_features_take_already_rendered_scenes(
@@ -240,3 +242,57 @@ def test_tower_features_take_already_rendered_scenes(
     assert torch.equal(tower_features(vlm, idx, 0, labels.images), rendered_here)
     with pytest.raises(ValueError, match="images has 1 scenes but indices has 2"):
         tower_features(vlm, idx, 0, labels.images[:1])
+
+
+def test_absent_positions_are_answers_to_questions_whose_named_objects_are_missing(
+    lm_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    red, blue = (1 + task.COLOUR_NAMES.index(c) for c in ("red", "blue"))
+    star, circle = (1 + task.SHAPES.index(s) for s in ("star", "circle"))
+    patches = (
+        torch.tensor([[0, red, blue]]),
+        torch.tensor([[0, star, circle]]),
+        torch.tensor([[0, 0, 1]]),
+    )
+
+    def absent_at(question: str, answer: str) -> list[str]:
+        ids, _, labels = encode_targets(lm_tokenizer, [(question, answer)], 2)
+        targets = object_attention_targets(lm_tokenizer, ids, labels, patches)
+        out = absent_object_positions(lm_tokenizer, ids, labels, targets)
+        return [str(lm_tokenizer.decode([int(ids[0, t])])) for t in out[0].nonzero().flatten()]
+
+    assert absent_at("Is there a red circle?", "no") == [":"]  # both words present, apart
+    assert absent_at("Is there a green cross?", "no") == [":"]
+    assert absent_at("How many green objects?", "zero") == [":"]
+    assert absent_at("Is there a red star?", "yes") == []
+    assert absent_at("How many red objects?", "one") == []
+    assert absent_at(task.DESCRIBE_QUESTION, "blue circle") == []  # names nothing
+    assert absent_at(CAPTION_QUESTION, "red star , blue circle") == []
+
+
+def test_absent_targets_add_the_off_image_term_only_when_asked(
+    lm_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    vlm = _tiny_vlm(lm_tokenizer)
+    scenes = [task.train_scene(0, i)[0] for i in range(2)]
+    labels = render_batch(scenes)
+    feats = torch.randn(2, task.NUM_PATCHES, 16)
+    patches = (labels.colour, labels.shape, labels.largest)
+    present = [(f"What colour is the {s.objects[0].shape}?", s.objects[0].colour) for s in scenes]
+    missing = [
+        (f"How many {next(c for c in task.COLOUR_NAMES if s.count(c) == 0)} objects?", "zero")
+        for s in scenes
+    ]
+    _, plain = qa_loss(vlm, feats, [present, missing], patches, 0.5)
+    _, with_absent = qa_loss(vlm, feats, [present, missing], patches, 0.5, absent=True)
+    assert "attn_g1" not in plain  # nothing named is present: no target without absent
+    assert with_absent["attn_g1"] > 0
+    assert with_absent["attn_g0"] == pytest.approx(plain["attn_g0"])  # present: unchanged
+
+
+def test_absent_targets_need_the_attention_loss() -> None:
+    with pytest.raises(ValueError, match="set attention_weight > 0"):
+        Recipe(absent_targets=True)
+    _, recipe = parse_args(["--run-dir", "RUN", "--attention-weight", "0.5", "--absent-targets"])
+    assert recipe.absent_targets
+    assert not parse_args(["--run-dir", "RUN"])[1].absent_targets

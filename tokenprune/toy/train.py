@@ -90,6 +90,11 @@ class Recipe:
             every suffix token that names a colour or a shape, the heads in
             :data:`ATTENTION_HEADS` are trained to put their attention on the image patches of
             the objects the word names (see :func:`object_attention_targets`).
+        absent_targets: With the object-attention loss, also supervise the answer position of
+            a question whose named objects are all absent from the image ("Is there a blue
+            triangle?" with no blue triangle, "How many red objects?" with none): the heads are
+            trained to keep their attention off the image (see
+            :func:`absent_object_positions`).
         listings_per_image: Binding listings per image in stage c (``0`` = none): targets such
             as ``"the star is red , the circle is blue"`` in a random object order, which
             supervise the shape-to-colour lookup once per object instead of once per question.
@@ -116,12 +121,20 @@ class Recipe:
     questions_per_image: int = 8
     listings_per_image: int = 0
     attention_weight: float = 0.0
+    absent_targets: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     val_per_family: int = 40
     test_per_family: int = 300
     eval_every: int = 100
     bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.absent_targets and self.attention_weight <= 0:
+            raise ValueError(
+                "absent_targets is part of the object-attention loss: set attention_weight > 0 "
+                "(--attention-weight) or leave absent_targets off"
+            )
 
 
 class Logger:
@@ -628,13 +641,7 @@ def object_attention_targets(
         - Output: ``(N, L, P)``.
     """
     colour, shape, largest = patches
-
-    def first_id(word: str) -> int:
-        return int(tok(" " + word, add_special_tokens=False)["input_ids"][0])
-
-    colour_of = {first_id(c): i + 1 for i, c in enumerate(task.COLOUR_NAMES)}
-    shape_of = {first_id(c): i + 1 for i, c in enumerate(task.SHAPES)}
-    is_id = first_id("is")
+    colour_of, shape_of, is_id = _word_ids(tok)
     describe = tok(task.DESCRIBE_QUESTION, add_special_tokens=False)["input_ids"]
     n, length = ids.shape
     out = torch.zeros(n, length, colour.shape[1], dtype=torch.bool)
@@ -663,6 +670,52 @@ def object_attention_targets(
     return out
 
 
+def _word_ids(tok: PreTrainedTokenizerBase) -> tuple[dict[int, int], dict[int, int], int]:
+    """Return ``({colour token: colour id}, {shape token: shape id}, id of " is")``."""
+
+    def first_id(word: str) -> int:
+        return int(tok(" " + word, add_special_tokens=False)["input_ids"][0])
+
+    colour_of = {first_id(c): i + 1 for i, c in enumerate(task.COLOUR_NAMES)}
+    shape_of = {first_id(c): i + 1 for i, c in enumerate(task.SHAPES)}
+    return colour_of, shape_of, first_id("is")
+
+
+def absent_object_positions(
+    tok: PreTrainedTokenizerBase, ids: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Return the answer positions of questions that name objects none of which is in the image.
+
+    A question names objects when it has a colour or a shape word; its answer position's
+    target in ``targets`` (from :func:`object_attention_targets`) is then empty exactly when
+    none of them is present: "Is there a blue triangle?" without a blue triangle, "How many
+    red objects?" without a red one. There, the object-attention loss trains the heads to keep
+    their attention off the image, so that whether anything was found can be read from them.
+
+    Args:
+        tok: LM tokenizer.
+        ids: Suffix token ids.
+        labels: Answer labels of the suffixes (``-100`` outside answers, unshifted).
+        targets: :func:`object_attention_targets` of the same suffixes.
+
+    Returns:
+        Boolean mask.
+
+    Shape:
+        - ids, labels: ``(N, L)``; targets: ``(N, L, P)``.
+        - Output: ``(N, L)``.
+    """
+    colour_of, shape_of, _ = _word_ids(tok)
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, row in enumerate(ids.tolist()):
+        if not (labels[r] != -100).any():
+            continue
+        answer = int((labels[r] != -100).nonzero()[0]) - 1
+        names = any(t in colour_of or t in shape_of for t in row[:answer])
+        out[r, answer] = answer > 0 and names and not bool(targets[r, answer].any())
+    return out
+
+
 def _contains(row: list[int], part: list[int]) -> bool:
     """Return whether ``part`` occurs contiguously in ``row``."""
     return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
@@ -674,6 +727,7 @@ def qa_loss(
     groups: list[list[tuple[str, str]]],
     patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     attention_weight: float = 0.0,
+    absent: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the answer loss for several suffix groups sharing one image prefix per image.
 
@@ -689,6 +743,9 @@ def qa_loss(
         patches: Per-patch ``(colour, shape, largest)`` labels of the images, each
             ``(B, 144)`` (see :func:`object_attention_targets`).
         attention_weight: Weight of the object-attention loss.
+        absent: Also train the heads to keep their attention off the image at the answer
+            positions of :func:`absent_object_positions` (``-log`` of the mass outside the
+            image patches).
 
     Returns:
         ``(mean loss over groups, {"loss_g<i>": ..., "attn_g<i>": ...})``.
@@ -727,12 +784,16 @@ def qa_loss(
             named = object_attention_targets(vlm.tok, ids, labels, (colour, shape, largest))
             named &= mask.bool().unsqueeze(-1)
             rows = named.any(-1)
-            if rows.any():
+            off = torch.zeros_like(rows)
+            if absent:
+                off = absent_object_positions(vlm.tok, ids, labels, named) & mask.bool()
+            if rows.any() or off.any():
                 terms = []
                 for layer, head in ATTENTION_HEADS:
                     attn = out.attentions[layer][:, head, :, first : first + named.shape[-1]]
                     mass = (attn.float() * named).sum(-1)[rows]
-                    terms.append(-torch.log(mass + 1e-6).mean())
+                    outside = 1 - attn.float().sum(-1)[off]
+                    terms.append(-torch.log(torch.cat([mass, outside]).clamp_min(0) + 1e-6).mean())
                 attn_loss = torch.stack(terms).mean()
                 stats[f"attn_g{gi}"] = attn_loss.item()
                 loss = loss + attention_weight * attn_loss
@@ -847,7 +908,9 @@ def train_qa_stage(
             patches, images = (labels.colour, labels.shape, labels.largest), labels.images
         feats = tower_features(vlm, idx, recipe.seed, images)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss, stats = qa_loss(vlm, feats, groups, patches, recipe.attention_weight)
+            loss, stats = qa_loss(
+                vlm, feats, groups, patches, recipe.attention_weight, recipe.absent_targets
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1143,8 +1206,13 @@ def _stage_c_extras(recipe: Recipe) -> dict[str, str]:
         f"\n   Object-attention loss (weight {recipe.attention_weight}): LM heads "
         f"{', '.join(f'{layer}.{head}' for layer, head in ATTENTION_HEADS)} (layer.head) are "
         "trained to attend to the patches that each colour or shape word names, and at the "
-        "answer position to the objects the question names; methods that read LM attention "
-        "may rank differently on this model."
+        "answer position to the objects the question names"
+        + (
+            " (and to keep it off the image when none of them is present)"
+            if recipe.absent_targets
+            else ""
+        )
+        + "; methods that read LM attention may rank differently on this model."
         if recipe.attention_weight
         else ""
     )
@@ -1236,6 +1304,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(r, name))
     for name in _FLOAT_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(r, name))
+    p.add_argument(
+        "--absent-targets",
+        action=argparse.BooleanOptionalAction,
+        default=r.absent_targets,
+        help="with --attention-weight: keep the heads' attention off the image when the "
+        "objects a question names are absent",
+    )
     p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
     p.add_argument("--tower-layers", type=int, default=r.tower.layers)
     args = p.parse_args(argv)
@@ -1245,6 +1320,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     recipe = Recipe(
         seed=args.seed,
         tower=tower,
+        absent_targets=args.absent_targets,
         **{name: getattr(args, name) for name in (*_INT_OPTIONS, *_FLOAT_OPTIONS)},
     )
     return args, recipe
