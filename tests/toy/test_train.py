@@ -76,7 +76,7 @@ def test_binding_listing_names_every_object_once_in_a_seeded_order() -> None:
 
 def test_stage_c_adds_one_listing_group_only_when_the_recipe_asks() -> None:
     idx = [10_000_000, 10_000_001]
-    plain = stage_groups("c", idx, 0, Recipe(questions_per_image=3))
+    plain = stage_groups("c", idx, 0, Recipe(questions_per_image=3, listings_per_image=0))
     assert [len(g) for g in plain] == [6, 2]
     assert {q for q, _ in plain[1]} == {CAPTION_QUESTION}
     listed = stage_groups("c", idx, 0, Recipe(questions_per_image=3, listings_per_image=1))
@@ -215,7 +215,11 @@ def test_model_card_states_the_optional_stage_c_targets_and_losses(tmp_path: Pat
     plain, extra = tmp_path / "plain", tmp_path / "extra"
     plain.mkdir()
     extra.mkdir()
-    write_model_card(plain, Recipe(), {"validation": {"overall": 0.5}, "step": 3})
+    write_model_card(
+        plain,
+        Recipe(listings_per_image=0, attention_weight=0.0),
+        {"validation": {"overall": 0.5}, "step": 3},
+    )
     write_model_card(
         extra,
         Recipe(listings_per_image=1, attention_weight=0.5, absent_targets=True),
@@ -292,7 +296,7 @@ def test_absent_targets_add_the_off_image_term_only_when_asked(
 
 def test_absent_targets_need_the_attention_loss() -> None:
     with pytest.raises(ValueError, match="set attention_weight > 0"):
-        Recipe(absent_targets=True)
+        Recipe(absent_targets=True, attention_weight=0.0)
     _, recipe = parse_args(["--run-dir", "RUN", "--attention-weight", "0.5", "--absent-targets"])
     assert recipe.absent_targets
     assert not parse_args(["--run-dir", "RUN"])[1].absent_targets

@@ -115,12 +115,12 @@ class Recipe:
     lm_layers: int = 8
     b_steps: int = 30
     b_lr: float = 2e-3
-    c_steps: int = 2000
+    c_steps: int = 700
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
-    listings_per_image: int = 0
-    attention_weight: float = 0.0
+    listings_per_image: int = 1
+    attention_weight: float = 0.5
     absent_targets: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
