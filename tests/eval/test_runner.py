@@ -20,10 +20,12 @@ from tokenprune.eval.parallel import RESULTS_FILE, shard_path
 from tokenprune.eval.report import summarize
 from tokenprune.eval.runner import (
     RUNS_FILE,
+    SETUP_FILE,
     Budget,
     EvalSpec,
     PipelineSpec,
     load_pipeline_spec,
+    model_fingerprint,
     parse_budgets,
     rebudget,
     run_eval,
@@ -164,6 +166,48 @@ def test_resume_reads_interrupted_shards(finished: Path, model: Any, tmp_path: P
     assert model.calls == []
     assert len(_lines(out / RESULTS_FILE)) == len(records)
     assert not shard.parent.exists()
+
+
+def test_resume_refuses_another_model_or_setting(
+    finished: Path, model: Any, tmp_path: Path
+) -> None:
+    setup = json.loads((finished / SETUP_FILE).read_text())
+    assert setup == {
+        "model_fingerprint": model_fingerprint(model.module),
+        "task": "tiny",
+        "max_new_tokens": _spec_of(finished, model).max_new_tokens,
+    }
+    assert _lines(finished / RUNS_FILE)[0]["model_fingerprint"] == setup["model_fingerprint"]
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    original = (out / RESULTS_FILE).read_text()
+    other = {**setup, "model_fingerprint": "0" * 16}
+    (out / SETUP_FILE).write_text(json.dumps(other))
+    model.calls.clear()
+    with pytest.raises(ConfigError, match="model_fingerprint: '0000000000000000' there"):
+        run_eval(model, _spec_of(finished, model), out, progress=False)
+    assert model.calls == []
+    assert (out / RESULTS_FILE).read_text() == original
+    spec = _spec_of(finished, model)
+    (out / SETUP_FILE).write_text(json.dumps(setup))
+    longer = EvalSpec(**{**spec.__dict__, "max_new_tokens": spec.max_new_tokens + 1})
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        run_eval(model, longer, out, progress=False)
+
+
+def test_model_fingerprint_follows_the_weights(model: Any) -> None:
+    import torch
+
+    module = model.module
+    before = model_fingerprint(module)
+    param = next(module.parameters())
+    with torch.no_grad():
+        saved = param.detach().clone()
+        param.reshape(-1)[0] += 1.0
+        changed = model_fingerprint(module)
+        param.copy_(saved)
+    assert changed != before
+    assert model_fingerprint(module) == before
 
 
 def _spec_of(finished: Path, model: Any) -> EvalSpec:

@@ -14,7 +14,10 @@ registered on the plugin runtime and implements the ``tokenprune_after_prune`` h
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -52,6 +55,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "RECORDER_NAME",
     "RUNS_FILE",
+    "SETUP_FILE",
     "Budget",
     "EvalSpec",
     "Job",
@@ -59,8 +63,10 @@ __all__ = [
     "PruneRecord",
     "PruneRecorder",
     "capture_pruning",
+    "check_setup",
     "finalize",
     "load_pipeline_spec",
+    "model_fingerprint",
     "parse_budgets",
     "plan_jobs",
     "rebudget",
@@ -70,6 +76,8 @@ __all__ = [
 
 DEFAULT_BUDGETS = "1.0,0.333,0.222,0.111,0.056"
 RUNS_FILE = "runs.jsonl"
+SETUP_FILE = "setup.json"
+"""What the records of an output directory were produced with; a resume must match it."""
 RECORDER_NAME = "tokenprune.eval.recorder"
 
 
@@ -567,7 +575,8 @@ def run_eval(
     Args:
         model: The model.
         spec: The grid.
-        out_dir: Output directory (created; existing results are resumed).
+        out_dir: Output directory (created; existing results are resumed when its
+            ``setup.json`` matches this run's model fingerprint, task and generation length).
         process: This process's rank (single process if omitted).
         plugins: Plugins for the runtime the pipelines are built with.
         progress: Show a progress bar.
@@ -581,6 +590,12 @@ def run_eval(
     plugins = list(plugins)
     start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
+    setup = {
+        "model_fingerprint": model_fingerprint(model.module),
+        "task": spec.task.name,
+        "max_new_tokens": spec.max_new_tokens,
+    }
+    check_setup(out, setup, write=process.is_main)
     before = len(read_records(out)) if process.is_main else 0
     run_shard(model, spec, out, process=process, plugins=plugins, progress=progress)
     process.barrier()
@@ -594,11 +609,77 @@ def run_eval(
             "started": started,
             "duration_s": round(time.perf_counter() - start, 3),
             "model": model_name or model.name,
+            "model_fingerprint": setup["model_fingerprint"],
             "num_processes": process.count,
             "new_records": len(read_records(out)) - before,
         },
     )
     return summary
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """Return a short hash of a model's weights, to tell checkpoints apart.
+
+    It covers every parameter's and buffer's name, shape and dtype, and up to 1,024 evenly
+    strided values of each (tensors on the ``meta`` device contribute their name, shape and
+    dtype only), so it is cheap even for billion-parameter models and changes with any retrained
+    or differently loaded checkpoint.
+
+    Args:
+        module: The model.
+
+    Returns:
+        16 hexadecimal digits.
+
+    Examples:
+        >>> import torch
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> fa, fb = model_fingerprint(a), model_fingerprint(b)
+        >>> len(fa), fa == model_fingerprint(a), fa == fb
+        (16, True, False)
+    """
+    digest = hashlib.sha256()
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        if tensor.is_meta or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024]
+        digest.update(sample.to("cpu", torch.float64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_setup(out_dir: Path, setup: Mapping[str, Any], *, write: bool) -> None:
+    """Refuse to add records to an output directory made with another model or settings.
+
+    ``out_dir/setup.json`` records the model fingerprint, task and generation length of the
+    records in ``out_dir``; a resume that differs in any of them would mix two evaluations in
+    one table.
+
+    Args:
+        out_dir: Output directory.
+        setup: This run's setup (JSON-serialisable).
+        write: Write ``setup.json`` when it is missing (the main process).
+
+    Raises:
+        ConfigError: ``setup.json`` exists and differs from ``setup``.
+    """
+    path = out_dir / SETUP_FILE
+    if path.is_file():
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        changed = [key for key in setup if recorded.get(key) != setup[key]]
+        if changed:
+            diff = "; ".join(f"{k}: {recorded.get(k)!r} there, {setup[k]!r} now" for k in changed)
+            raise ConfigError(
+                f"{out_dir} holds results of another evaluation ({diff}); resuming would mix "
+                "them in one table. Use a new --out, or delete that directory's results.jsonl, "
+                f"shards and {SETUP_FILE} to start over"
+            )
+    elif write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(dict(setup), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 # -- one sample, for overlays -------------------------------------------------------------------
