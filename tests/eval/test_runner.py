@@ -193,6 +193,10 @@ def test_resume_refuses_another_model_or_setting(
     longer = EvalSpec(**{**spec.__dict__, "max_new_tokens": spec.max_new_tokens + 1})
     with pytest.raises(ConfigError, match="max_new_tokens"):
         run_eval(model, longer, out, progress=False)
+    (out / SETUP_FILE).unlink()  # records of unknown origin
+    with pytest.raises(ConfigError, match="holds results but no setup"):
+        run_eval(model, spec, out, progress=False)
+    assert model.calls == []
 
 
 def test_model_fingerprint_follows_the_weights(model: Any) -> None:

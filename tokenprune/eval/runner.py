@@ -662,7 +662,8 @@ def check_setup(out_dir: Path, setup: Mapping[str, Any], *, write: bool) -> None
         write: Write ``setup.json`` when it is missing (the main process).
 
     Raises:
-        ConfigError: ``setup.json`` exists and differs from ``setup``.
+        ConfigError: ``setup.json`` exists and differs from ``setup``, or it is missing but
+            ``out_dir`` already holds records.
     """
     path = out_dir / SETUP_FILE
     if path.is_file():
@@ -675,6 +676,12 @@ def check_setup(out_dir: Path, setup: Mapping[str, Any], *, write: bool) -> None
                 "them in one table. Use a new --out, or delete that directory's results.jsonl, "
                 f"shards and {SETUP_FILE} to start over"
             )
+    elif read_records(out_dir):
+        raise ConfigError(
+            f"{out_dir} holds results but no {SETUP_FILE} (written by an older tokenprune), so "
+            "which model produced them cannot be checked. Use a new --out, or delete that "
+            "directory's results.jsonl and shards to start over"
+        )
     elif write:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
