@@ -27,6 +27,7 @@ __all__ = [
     "ProcessInfo",
     "assign_batches",
     "current_process",
+    "has_records",
     "launch",
     "launched",
     "merge_results",
@@ -167,6 +168,11 @@ def read_records(out_dir: Path) -> dict[Key, dict[str, Any]]:
         for record in _read_jsonl(path):
             records.setdefault(record_key(record), record)
     return records
+
+
+def has_records(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds any finished record; reads no further than the first one."""
+    return any(True for path in _sources(out_dir) for _ in _read_jsonl(path))
 
 
 def dump_record(record: Mapping[str, Any]) -> str:

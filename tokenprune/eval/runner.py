@@ -38,6 +38,7 @@ from tokenprune.eval.parallel import (
     ProcessInfo,
     assign_batches,
     dump_record,
+    has_records,
     merge_results,
     read_records,
     shard_path,
@@ -676,7 +677,7 @@ def check_setup(out_dir: Path, setup: Mapping[str, Any], *, write: bool) -> None
                 "them in one table. Use a new --out, or delete that directory's results.jsonl, "
                 f"shards and {SETUP_FILE} to start over"
             )
-    elif read_records(out_dir):
+    elif has_records(out_dir):
         raise ConfigError(
             f"{out_dir} holds results but no {SETUP_FILE} (written by an older tokenprune), so "
             "which model produced them cannot be checked. Use a new --out, or delete that "
