@@ -1154,6 +1154,11 @@ test: {test_per_family} per family, evaluated once on the shipped model in float
 Precision comparison on the validation questions (float32 vs bf16 autocast inference, same
 weights): {precision}
 
+These are unpruned results. Pruning is measured apart from training, in the repository's
+`docs/results/index.md` (`make results`); a known weakness it shows: with fewer visual tokens
+renumbered contiguously, the model often answers with the wrong kind of answer (a count word
+for a yes/no question).
+
 ## Files
 {files}
 - `training_log.txt`, `recipe.json`, `metrics.json`: log, hyper-parameters, final measurements.
