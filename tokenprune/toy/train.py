@@ -24,11 +24,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -670,8 +672,12 @@ def object_attention_targets(
     return out
 
 
-def _word_ids(tok: PreTrainedTokenizerBase) -> tuple[dict[int, int], dict[int, int], int]:
-    """Return ``({colour token: colour id}, {shape token: shape id}, id of " is")``."""
+@functools.lru_cache(maxsize=4)
+def _word_ids(tok: PreTrainedTokenizerBase) -> tuple[Mapping[int, int], Mapping[int, int], int]:
+    """Return ``({colour token: colour id}, {shape token: shape id}, id of " is")``.
+
+    Cached per tokenizer: the training loop asks for them for every suffix group of every step.
+    """
 
     def first_id(word: str) -> int:
         return int(tok(" " + word, add_special_tokens=False)["input_ids"][0])
