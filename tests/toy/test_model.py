@@ -12,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoTokenizer,
     CLIPModel,
     CLIPVisionConfig,
     LlamaConfig,
@@ -120,6 +121,22 @@ def test_prompt_expands_to_144_image_tokens() -> None:
     torch.testing.assert_close(enc["pixel_values"], toy_model.pixel_values(image[None]))
 
 
+def test_prompt_puts_bos_and_the_system_prompt_before_the_image() -> None:
+    """The training prompt is LLaVA-1.5's: BOS, system prompt, then the legacy turn."""
+    assert toy_model.PROMPT == toy_model.BOS + toy_model.SYSTEM_PROMPT + toy_model.LEGACY_PROMPT
+    assert toy_model.PROMPT.count(toy_model.IMAGE_TOKEN) == 1
+    assert (
+        toy_model.LEGACY_PROMPT.split(toy_model.IMAGE_TOKEN)[1]
+        == (toy_model.PROMPT.split(toy_model.IMAGE_TOKEN)[1])
+    ), "the text after the image (question, answer) must not change"
+    tok = AutoTokenizer.from_pretrained(toy_model.ASSETS / "processor")
+    text = toy_model.PROMPT.format(question="What colour is the star?")
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(tok.bos_token_id) == 1, "the tokenizer must not add a second BOS"
+    assert tok.decode(ids[1:]).startswith(toy_model.SYSTEM_PROMPT + "USER:")
+
+
 def test_clip_tokenizer_covers_question_words() -> None:
     """The paired CLIP text tokenizer knows every word of every question family."""
     tok = toy_model.build_clip_tokenizer()
@@ -171,6 +188,8 @@ def test_shipped_assets_load(shipped_toy_model: None) -> None:
     answer = proc.decode(gen[:, enc["input_ids"].shape[1] :])[0]
     assert isinstance(answer, str)
     meta = json.loads((assets / "vlm" / "lora.json").read_text())
+    # the prompt the checkpoint was trained with; checkpoints that name none used the legacy one
+    assert proc.prompt == meta.get("prompt", toy_model.LEGACY_PROMPT)
     assert cast(LlamaConfig, model.config.text_config).num_hidden_layers == meta["lm_layers"]
     sizes = sum(p.stat().st_size for p in assets.rglob("*.safetensors"))
     assert sizes <= 50 * 2**20

@@ -60,7 +60,8 @@ def _recompute(scene: task.Scene, q: task.Question) -> str:
     assert q.family == "describe"
     assert q.text == "Describe the image."
     radii = sorted((o.radius for o in scene.objects), reverse=True)
-    assert radii[0] > radii[1], "the largest object must be unique"
+    assert radii[0] >= task.LARGE_RADII[0], "describe needs the scene's large object"
+    assert len(radii) == 1 or radii[0] > radii[1], "the largest object must be unique"
     big = max(scene.objects, key=lambda o: o.radius)
     return f"{big.colour} {big.shape}"
 
@@ -166,3 +167,139 @@ def test_caption_words_in_vocabulary() -> None:
         ]
         for t in texts:
             assert set(re.findall(r"\w+|[^\w\s]", t.lower())) <= vocab, t
+
+
+def _object(colour: str, shape: str, row: int, col: int, radius: int = 9) -> task.SceneObject:
+    """An object at the centre of its layout cell."""
+    half = task.CELL // 2
+    return task.SceneObject(
+        colour, shape, radius, row, col, col * task.CELL + half, row * task.CELL + half
+    )
+
+
+def test_sampled_scenes_have_exactly_one_large_object() -> None:
+    for i in range(50):
+        scene, _ = task.train_scene(0, i)
+        assert sum(task.is_large(o) for o in scene.objects) == 1
+        assert task.is_large(scene.largest)
+
+
+def test_crop_patch_ids_are_the_windows_raster_indices() -> None:
+    assert task.Crop(1, 0, 1, 2).patch_ids.tolist() == [
+        r * task.GRID + c for r in range(4, 8) for c in range(8)
+    ]
+    assert task.Crop(0, 2, 3, 1).patch_ids.tolist() == [
+        r * task.GRID + c for r in range(12) for c in range(8, 12)
+    ]
+    np.testing.assert_array_equal(task.FULL.patch_ids, np.arange(task.NUM_PATCHES))
+    assert task.Crop(2, 1, 1, 1).num_patches == task.Crop(2, 1, 1, 1).patch_ids.size == 16
+    # the window's pixels, patch by patch in raster order, are the full image's patches at patch_ids
+    raster = np.arange(task.NUM_PATCHES).reshape(task.GRID, task.GRID)
+    image = np.repeat(np.repeat(raster, task.PATCH_SIZE, 0), task.PATCH_SIZE, 1)
+    for rows in range(1, 4):
+        for cols in range(1, 4):
+            for row in range(4 - rows):
+                for col in range(4 - cols):
+                    crop = task.Crop(row, col, rows, cols)
+                    seen = crop.pixels(image)[:: task.PATCH_SIZE, :: task.PATCH_SIZE]
+                    np.testing.assert_array_equal(seen.reshape(-1), crop.patch_ids)
+
+
+@pytest.mark.parametrize(
+    ("row", "col", "rows", "cols"),
+    [(2, 0, 2, 1), (0, 1, 1, 3), (-1, 0, 1, 1), (0, 3, 1, 1), (0, 0, 0, 1), (0, 0, 1, 0)],
+)
+def test_crop_outside_the_layout_grid_raises(row: int, col: int, rows: int, cols: int) -> None:
+    with pytest.raises(ValueError, match="does not fit the 3x3 layout grid"):
+        task.Crop(row, col, rows, cols)
+
+
+def test_crop_pixels_slices_whole_cells() -> None:
+    image = np.arange(96 * 96 * 3).reshape(96, 96, 3)
+    window = task.Crop(1, 2, 2, 1).pixels(image)
+    assert window.shape == (64, 32, 3)
+    np.testing.assert_array_equal(window, image[32:96, 64:96])
+    np.testing.assert_array_equal(task.Crop(0, 0, 1, 2).pixels(image[..., 0]), image[:32, :64, 0])
+    np.testing.assert_array_equal(task.FULL.pixels(image), image)
+
+
+def test_crop_scene_keeps_exactly_the_objects_inside() -> None:
+    for i in range(20):
+        scene, _ = task.train_scene(0, i)
+        for rows, cols in ((1, 1), (1, 2), (2, 3), (3, 1)):
+            for row in range(4 - rows):
+                for col in range(4 - cols):
+                    part = task.crop_scene(scene, task.Crop(row, col, rows, cols))
+                    assert part.texture_seed == scene.texture_seed
+                    assert part.objects == tuple(
+                        o
+                        for o in scene.objects
+                        if row <= o.row < row + rows and col <= o.col < col + cols
+                    )
+        assert task.crop_scene(scene, task.FULL) == scene
+
+
+def test_sample_crop_shows_an_object() -> None:
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        scene, _ = task.train_scene(0, i)
+        for rows, cols in ((1, 1), (2, 1), (3, 2)):
+            crop = task.sample_crop(scene, rows, cols, rng)
+            assert (crop.rows, crop.cols) == (rows, cols)
+            assert task.crop_scene(scene, crop).objects
+    corner = task.Scene((_object("red", "star", 0, 0),), 0)
+    assert {task.sample_crop(corner, 1, 1, rng) for _ in range(20)} == {task.Crop(0, 0, 1, 1)}
+    assert {task.sample_crop(corner, 2, 2, rng) for _ in range(20)} == {task.Crop(0, 0, 2, 2)}
+    centre = task.Scene((_object("red", "star", 1, 1),), 0)
+    drawn = {task.sample_crop(centre, 2, 2, rng) for _ in range(60)}
+    assert drawn == {task.Crop(r, c, 2, 2) for r in range(2) for c in range(2)}
+    with pytest.raises(ValueError, match="at least one object"):
+        task.sample_crop(task.Scene((), 0), 1, 1, rng)
+
+
+def test_describe_needs_the_large_object() -> None:
+    small = task.Scene((_object("red", "star", 0, 0, 11), _object("blue", "ring", 0, 1, 8)), 0)
+    rng = np.random.default_rng(0)
+    assert all(
+        task.make_question(small, "describe", rng, colour) is None for colour in task.COLOUR_NAMES
+    )
+    assert task.make_question(small, "describe", rng) is None
+    big = task.Scene((_object("red", "star", 0, 0, 11), _object("blue", "ring", 0, 1, 14)), 0)
+    q = task.make_question(big, "describe", rng, "blue")
+    assert q == task.Question("describe", task.DESCRIBE_QUESTION, "blue ring")
+    for _ in range(10):
+        assert all(q.family != "describe" for q in task.training_questions(small, rng, 5))
+
+
+def test_questions_about_windows_are_correct() -> None:
+    """Questions about the part of a scene that a window shows are right about that part."""
+    rng = np.random.default_rng(0)
+    families: Counter[str] = Counter()
+    for i in range(40):
+        scene, qrng = task.train_scene(0, i)
+        size = [(1, 1), (1, 2), (2, 1), (2, 2)][i % 4]
+        part = task.crop_scene(scene, task.sample_crop(scene, *size, rng))
+        for q in task.training_questions(part, qrng, 8):
+            assert _recompute(part, q) == q.answer, (part, q)
+            families[q.family] += 1
+    assert set(families) == set(task.FAMILIES)
+
+
+def test_captions_of_one_object_and_of_a_window_without_the_large_object() -> None:
+    one = task.Scene((_object("orange", "star", 1, 1),), 0)
+    captions = {task.caption_variants(one, np.random.default_rng(s)) for s in range(30)}
+    for caption in captions:
+        assert " and " not in caption
+        assert re.match(r"(there is |the image shows |in the image : )?an orange star \.", caption)
+        assert "largest" not in caption  # a small object is no scene's large object
+    assert any("the star is orange ." in c for c in captions)
+    big = task.Scene((_object("orange", "star", 1, 1, 14),), 0)
+    assert any(
+        "what colour is the largest object ? orange , the star ." in c
+        for c in (task.caption_variants(big, np.random.default_rng(s)) for s in range(30))
+    )
+    two = task.Scene((_object("red", "star", 0, 0), _object("blue", "ring", 0, 1)), 0)
+    assert all(
+        re.search(r"a (red star|blue ring) and a (red star|blue ring) \.", c)
+        for c in (task.caption_variants(two, np.random.default_rng(s)) for s in range(10))
+    )

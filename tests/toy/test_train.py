@@ -1,4 +1,4 @@
-"""The training script's pure parts: command line, recipe, model-card status."""
+"""The training script's pure parts: command line, recipe, windows, tower, losses, model card."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoTokenizer,
+    CLIPModel,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaForConditionalGeneration,
@@ -17,23 +19,31 @@ from transformers import (
 )
 
 from tokenprune.toy import task
-from tokenprune.toy.model import ASSETS, build_llava_config
+from tokenprune.toy.model import (
+    ASSETS,
+    PROMPT,
+    TowerSize,
+    build_clip_config,
+    build_llava_config,
+    pixel_values,
+)
 from tokenprune.toy.train import (
-    ATTENTION_HEADS,
     CAPTION_QUESTION,
     LISTING_QUESTION,
+    WINDOW_SHAPES,
+    DenseHeads,
     Recipe,
     Vlm,
     _status,
-    absent_object_positions,
     binding_listing,
     encode_targets,
-    object_attention_targets,
     parse_args,
     qa_loss,
     render_batch,
     stage_groups,
+    step_crops,
     tower_features,
+    window_hidden_states,
     write_model_card,
 )
 
@@ -45,6 +55,17 @@ def test_command_line_sets_the_recipe() -> None:
     assert args.finish
     assert (recipe.a_lr, recipe.a_target, recipe.c_steps) == (0.003, 0.9, 10)
     assert parse_args(["--run-dir", "RUN"])[1] == Recipe()
+
+
+def test_crop_share_is_a_share() -> None:
+    assert parse_args(["--run-dir", "RUN", "--crop-share", "0.25"])[1].crop_share == 0.25
+    assert Recipe(crop_share=0.0).crop_share == 0.0
+    assert Recipe(crop_share=1.0).crop_share == 1.0
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\] \(--crop-share\)"):
+            Recipe(crop_share=bad)
+    with pytest.raises(ValueError, match="crop_share"):
+        parse_args(["--run-dir", "RUN", "--crop-share", "2"])
 
 
 def test_status_says_where_training_stopped_and_which_targets_are_missed() -> None:
@@ -76,20 +97,187 @@ def test_binding_listing_names_every_object_once_in_a_seeded_order() -> None:
 
 def test_stage_c_adds_one_listing_group_only_when_the_recipe_asks() -> None:
     idx = [10_000_000, 10_000_001]
-    plain = stage_groups("c", idx, 0, Recipe(questions_per_image=3, listings_per_image=0))
+    scenes = [task.train_scene(0, i)[0] for i in idx]
+    plain = stage_groups("c", idx, scenes, 0, Recipe(questions_per_image=3, listings_per_image=0))
     assert [len(g) for g in plain] == [6, 2]
     assert {q for q, _ in plain[1]} == {CAPTION_QUESTION}
-    listed = stage_groups("c", idx, 0, Recipe(questions_per_image=3, listings_per_image=1))
+    listed = stage_groups("c", idx, scenes, 0, Recipe(questions_per_image=3, listings_per_image=1))
     assert listed[:2] == plain
     assert [q for q, _ in listed[2]] == [LISTING_QUESTION] * 2
-    for i, (_, text) in zip(idx, listed[2], strict=True):
-        scene, _ = task.train_scene(0, i)
+    for scene, (_, text) in zip(scenes, listed[2], strict=True):
         assert sorted(text.split(" , ")) == sorted(
             f"the {o.shape} is {o.colour}" for o in scene.objects
         )
-    assert stage_groups("b", idx, 0, Recipe(listings_per_image=1)) == [
-        [(CAPTION_QUESTION, task.train_scene(0, i)[0].caption()) for i in idx]
+    assert stage_groups("b", idx, scenes, 0, Recipe(listings_per_image=1)) == [
+        [(CAPTION_QUESTION, s.caption()) for s in scenes]
     ]
+
+
+def test_stage_groups_speak_of_the_window_only() -> None:
+    idx = [10_000_000, 10_000_001]
+    full = [task.train_scene(0, i)[0] for i in idx]
+    crops = [task.sample_crop(s, 1, 2, np.random.default_rng(3)) for s in full]
+    shown = [task.crop_scene(s, c) for s, c in zip(full, crops, strict=True)]
+    assert all(len(s.objects) < len(f.objects) for s, f in zip(shown, full, strict=True))
+    groups = stage_groups("c", idx, shown, 0, Recipe(questions_per_image=4, listings_per_image=1))
+    assert groups[1] == [(CAPTION_QUESTION, s.caption()) for s in shown]
+    for scene, (_, text) in zip(shown, groups[2], strict=True):
+        assert sorted(text.split(" , ")) == sorted(
+            f"the {o.shape} is {o.colour}" for o in scene.objects
+        )
+    for k, scene in enumerate(shown):
+        for question, answer in groups[0][4 * k : 4 * k + 4]:
+            if question.startswith("What colour is the "):
+                shape = question.removeprefix("What colour is the ").removesuffix("?")
+                assert [o.colour for o in scene.objects if o.shape == shape] == [answer]
+
+
+# ----------------------------------------------------------------------------- windows
+
+
+def _scenes(n: int, start: int = 0) -> list[task.Scene]:
+    return [task.train_scene(0, i)[0] for i in range(start, start + n)]
+
+
+def test_render_batch_of_full_scenes_labels_every_patch() -> None:
+    scenes = _scenes(2)
+    batch = render_batch(scenes)
+    assert batch.scenes == scenes
+    assert batch.images.shape == (2, task.IMAGE_SIZE, task.IMAGE_SIZE, 3)
+    assert torch.equal(batch.patch_ids, torch.arange(task.NUM_PATCHES).expand(2, -1))
+    for b, scene in enumerate(scenes):
+        image, obj_map = task.render(scene)
+        np.testing.assert_array_equal(batch.images[b], image)
+        idx = task.patch_object_index(obj_map)
+        for p in range(task.NUM_PATCHES):
+            if idx[p] < 0:
+                assert batch.colour[b, p] == batch.shape[b, p] == batch.largest[b, p] == 0
+            else:
+                o = scene.objects[idx[p]]
+                assert batch.colour[b, p] == 1 + task.COLOUR_NAMES.index(o.colour)
+                assert batch.shape[b, p] == 1 + task.SHAPES.index(o.shape)
+                assert batch.largest[b, p] == int(o is scene.largest)
+        assert int(batch.largest[b].sum()) > 0
+
+
+def test_render_batch_cuts_windows_with_the_full_scene_labels() -> None:
+    scenes = _scenes(3)
+    rng = np.random.default_rng(0)
+    crops = [task.sample_crop(s, 2, 1, rng) for s in scenes]
+    full = render_batch(scenes)
+    batch = render_batch(scenes, crops)
+    assert batch.images.shape == (3, 2 * task.CELL, task.CELL, 3)
+    assert batch.patch_ids.shape == (3, crops[0].num_patches)
+    assert batch.scenes == [task.crop_scene(s, c) for s, c in zip(scenes, crops, strict=True)]
+    for b, crop in enumerate(crops):
+        ids = torch.from_numpy(crop.patch_ids)
+        assert torch.equal(batch.patch_ids[b], ids)
+        np.testing.assert_array_equal(batch.images[b], crop.pixels(full.images[b]))
+        for name in ("colour", "shape", "largest"):
+            assert torch.equal(getattr(batch, name)[b], getattr(full, name)[b, ids])
+        shown = {(o.colour, o.shape) for o in batch.scenes[b].objects}
+        labelled = {
+            (task.COLOUR_NAMES[c - 1], task.SHAPES[s - 1])
+            for c, s in zip(batch.colour[b].tolist(), batch.shape[b].tolist(), strict=True)
+            if c
+        }
+        assert labelled == shown  # every object in the window is labelled, none outside
+
+
+def test_render_batch_rejects_mixed_or_missing_windows() -> None:
+    scenes = _scenes(2)
+    with pytest.raises(ValueError, match="all of the same size"):
+        render_batch(scenes, [task.Crop(0, 0, 1, 1), task.Crop(0, 0, 1, 2)])
+    with pytest.raises(ValueError, match="one window per scene"):
+        render_batch(scenes, [task.Crop(0, 0, 1, 1)])
+    with pytest.raises(ValueError, match="one window per scene"):
+        render_batch(scenes, [task.FULL, task.Crop(0, 0, 2, 2)])
+
+
+def test_step_crops_are_seeded_by_stage_and_step() -> None:
+    scenes = _scenes(4)
+    assert step_crops(scenes, 0, "c", 5, 0.0) is None
+    first = step_crops(scenes, 0, "c", 5, 1.0)
+    assert first is not None
+    assert first == step_crops(scenes, 0, "c", 5, 1.0)
+    sizes = set()
+    for step in range(20):
+        crops = step_crops(scenes, 0, "a", step, 1.0)
+        assert crops is not None
+        assert len(crops) == len(scenes)
+        size = {(c.rows, c.cols) for c in crops}
+        assert len(size) == 1
+        assert size <= set(WINDOW_SHAPES)
+        sizes |= size
+        for scene, crop in zip(scenes, crops, strict=True):
+            assert task.crop_scene(scene, crop).objects
+    assert len(sizes) > 1
+    others = [step_crops(scenes, seed, stage, 5, 1.0) for seed, stage in ((1, "c"), (0, "a"))]
+    assert all(o != first for o in others)
+    shares = [step_crops(scenes, 0, "c", step, 0.5) is None for step in range(40)]
+    assert 0 < sum(shares) < 40
+
+
+def test_dense_heads_give_every_head_per_patch() -> None:
+    heads = DenseHeads(16)
+    out = heads(torch.randn(2, 5, 16))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "colour": (2, 5, len(task.COLOUR_NAMES) + 1),
+        "shape": (2, 5, len(task.SHAPES) + 1),
+        "largest": (2, 5, 2),
+        "row": (2, 5, task.GRID),
+        "col": (2, 5, task.GRID),
+    }
+
+
+TINY_TOWER = TowerSize(hidden=16, layers=2, heads=2, text_hidden=16, text_layers=1, projection=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip() -> CLIPModel:
+    """A seeded random CLIP model of the toy configuration."""
+    torch.manual_seed(0)
+    return CLIPModel(build_clip_config(TINY_TOWER, 16)).eval()
+
+
+def test_window_hidden_states_on_full_images_are_the_towers_own(tiny_clip: CLIPModel) -> None:
+    batch = render_batch(_scenes(2))
+    pixels = pixel_values(batch.images)
+    with torch.no_grad():
+        ours = window_hidden_states(tiny_clip.vision_model, pixels, batch.patch_ids)
+        theirs = tiny_clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+    assert len(ours) == len(theirs.hidden_states) == TINY_TOWER.layers + 1
+    for a, b in zip(ours, theirs.hidden_states, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_window_hidden_states_give_patches_their_full_image_positions(
+    tiny_clip: CLIPModel,
+) -> None:
+    scenes = _scenes(2)
+    crops = [task.Crop(1, 1, 1, 1), task.Crop(2, 0, 1, 1)]
+    full = render_batch(scenes)
+    window = render_batch(scenes, crops)
+    vision = tiny_clip.vision_model
+    with torch.no_grad():
+        whole = window_hidden_states(vision, pixel_values(full.images), full.patch_ids)
+        ours = window_hidden_states(vision, pixel_values(window.images), window.patch_ids)
+        moved = window_hidden_states(
+            vision,
+            pixel_values(window.images),
+            torch.from_numpy(np.stack([c.patch_ids for c in crops[::-1]])),
+        )
+    assert ours[-1].shape == (2, 1 + 16, TINY_TOWER.hidden)
+    # the embeddings (before attention) are the full image's at the window's patches
+    torch.testing.assert_close(ours[0][:, 0], whole[0][:, 0])
+    for b in range(2):
+        torch.testing.assert_close(ours[0][b, 1:], whole[0][b, 1 + window.patch_ids[b]])
+    # the same pixels at other positions give other features
+    assert not torch.allclose(ours[0][:, 1:], moved[0][:, 1:])
+    assert not torch.allclose(ours[-1][:, 1:], moved[-1][:, 1:])
+
+
+# ----------------------------------------------------------------------------- VLM
 
 
 @pytest.fixture(scope="module")
@@ -98,75 +286,13 @@ def lm_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(ASSETS / "processor")
 
 
-def test_object_attention_targets_name_the_patches_of_each_word(
-    lm_tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    red, blue = (1 + task.COLOUR_NAMES.index(c) for c in ("red", "blue"))
-    star, circle = (1 + task.SHAPES.index(s) for s in ("star", "circle"))
-    patches = (
-        torch.tensor([[0, red, red, blue, blue, 0]]),
-        torch.tensor([[0, star, circle, star, star, 0]]),
-        torch.tensor([[0, 0, 1, 0, 0, 0]]),
-    )
-
-    def targets(question: str, answer: str) -> list[tuple[str, list[int]]]:
-        ids, _, labels = encode_targets(lm_tokenizer, [(question, answer)], 2)
-        out = object_attention_targets(lm_tokenizer, ids, labels, patches)
-        assert out.shape == (1, ids.shape[1], 6)
-        return [
-            (str(lm_tokenizer.decode([int(ids[0, t])])), out[0, t].nonzero().flatten().tolist())
-            for t in range(ids.shape[1])
-            if out[0, t].any()
-        ]
-
-    # the answer position (":") looks where the question points
-    assert targets("What colour is the star?", "red") == [
-        (" star", [1, 3, 4]),
-        (":", [1, 3, 4]),
-        (" red", [1, 2]),
-    ]
-    assert targets("Is there a blue star?", "yes") == [
-        (" blue", [3, 4]),
-        (" star", [3, 4]),  # after a colour word: blue stars only
-        (":", [3, 4]),
-    ]
-    assert targets("Is there a red star?", "yes") == [
-        (" red", [1, 2]),
-        (" star", [1]),
-        (":", [1]),  # the named object only, not every red patch
-    ]
-    assert targets("Is there a red cross?", "no") == [(" red", [1, 2])]  # absent: no target
-    assert targets("Is there a green cross?", "no") == []  # absent: nothing to attend to
-    assert targets("How many red objects?", "two") == [(" red", [1, 2]), (":", [1, 2])]
-    assert targets("Is the red circle left of the blue star?", "yes") == [
-        (" red", [1, 2]),
-        (" circle", [2]),
-        (" blue", [3, 4]),
-        (" star", [3, 4]),
-        (":", [2, 3, 4]),  # both named objects
-    ]
-    assert targets(task.DESCRIBE_QUESTION, "red circle") == [
-        (":", [2]),  # names nothing: the largest object
-        (" red", [1, 2]),
-        (" circle", [2]),
-    ]
-    assert targets(LISTING_QUESTION, "the circle is red , the star is blue") == [
-        (" circle", [2]),
-        (" is", [2]),
-        (" red", [1, 2]),
-        (" star", [1, 3, 4]),
-        (" is", [1, 3, 4]),
-        (" blue", [3, 4]),
-    ]
-
-
 def _tiny_vlm(lm_tokenizer: PreTrainedTokenizerBase) -> Vlm:
-    """A seeded random LLaVA with the shipped tokenizer, deep enough for ``ATTENTION_HEADS``."""
+    """A seeded random LLaVA with the shipped tokenizer and the training prompt's prefix."""
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=2,
         image_size=96,
         patch_size=8,
@@ -175,128 +301,93 @@ def _tiny_vlm(lm_tokenizer: PreTrainedTokenizerBase) -> Vlm:
         vocab_size=len(lm_tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=max(layer for layer, _ in ATTENTION_HEADS) + 1,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
     )
     image_id = int(lm_tokenizer.convert_tokens_to_ids("<image>"))  # type: ignore[arg-type]
     model = LlavaForConditionalGeneration(build_llava_config(vision, text, image_id))
     model.set_attn_implementation("eager")
-    prefix = lm_tokenizer("USER: ", add_special_tokens=False)["input_ids"]
-    vlm = Vlm(model, SimpleNamespace(tokenizer=lm_tokenizer), prefix, lm_tokenizer.eos_token_id)
-    return vlm
+    prefix = lm_tokenizer(PROMPT.split("<image>")[0], add_special_tokens=False)["input_ids"]
+    assert prefix[0] == lm_tokenizer.bos_token_id
+    return Vlm(model, SimpleNamespace(tokenizer=lm_tokenizer), prefix, lm_tokenizer.eos_token_id)
 
 
-def test_object_attention_loss_adds_the_weighted_attention_term(
+def test_qa_loss_equals_one_uncached_forward(lm_tokenizer: PreTrainedTokenizerBase) -> None:
+    vlm = _tiny_vlm(lm_tokenizer)
+    model = vlm.model
+    lm = model.model.language_model
+    scenes = _scenes(2)
+    feats = torch.randn(2, 16, 16)  # windows of one cell: 16 visual tokens
+    groups = [
+        [(f"What colour is the {s.objects[0].shape}?", s.objects[0].colour) for s in scenes],
+        [(CAPTION_QUESTION, s.caption()) for s in scenes],
+    ]
+    loss, stats = qa_loss(vlm, feats, groups)
+    assert set(stats) == {"loss_g0", "loss_g1"}
+    with torch.no_grad():
+        prefix = lm.embed_tokens(torch.tensor(vlm.prefix_ids)).expand(2, -1, -1)
+        image = model.model.multi_modal_projector(feats)
+        expected = []
+        for pairs in groups:
+            ids, mask, labels = encode_targets(vlm.tok, pairs, vlm.eos_id)
+            embeds = torch.cat([prefix, image, lm.embed_tokens(ids)], 1)
+            p_len = prefix.shape[1] + image.shape[1]
+            full_mask = torch.cat([torch.ones(2, p_len, dtype=torch.long), mask], 1)
+            hidden = lm(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != -100
+            logits = model.lm_head(hidden[:, p_len:-1][keep])
+            expected.append(F.cross_entropy(logits, target[keep]).item())
+    assert [stats["loss_g0"], stats["loss_g1"]] == pytest.approx(expected, rel=1e-4)
+    assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-4)
+    loss.backward()
+    weight = model.model.multi_modal_projector.linear_1.weight
+    assert weight.grad is not None
+    assert weight.grad.abs().sum() > 0
+
+
+def test_tower_features_are_the_vlms_layer_minus_two(
     lm_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     vlm = _tiny_vlm(lm_tokenizer)
-    model = vlm.model
-    scenes = [task.train_scene(0, i)[0] for i in range(2)]
-    labels = render_batch(scenes)
-    feats = torch.randn(2, task.NUM_PATCHES, 16)
-    groups = [[(f"What colour is the {s.objects[0].shape}?", s.objects[0].colour) for s in scenes]]
-    plain, _plain_stats = qa_loss(vlm, feats, groups)
-    patches = (labels.colour, labels.shape, labels.largest)
-    same, same_stats = qa_loss(vlm, feats, groups, patches, 0.0)
-    assert torch.equal(plain, same)
-    assert set(same_stats) == {"loss_g0"}
-    weighted, stats = qa_loss(vlm, feats, groups, patches, 0.5)
-    assert set(stats) == {"loss_g0", "attn_g0"}
-    assert stats["attn_g0"] > 0
-    assert weighted.item() == pytest.approx(plain.item() + 0.5 * stats["attn_g0"], rel=1e-5)
-    weighted.backward()
-    key = model.model.language_model.layers[ATTENTION_HEADS[0][0]].self_attn.k_proj.weight
-    assert key.grad is not None
-    assert key.grad.abs().sum() > 0
+    scenes = _scenes(2)
+    full = render_batch(scenes)
+    feats = tower_features(vlm, full)
+    assert feats.shape == (2, task.NUM_PATCHES, 16)
+    assert not feats.requires_grad
+    with torch.no_grad():
+        out = vlm.model.model.vision_tower(
+            pixel_values=pixel_values(full.images), output_hidden_states=True
+        )
+    assert torch.equal(feats, out.hidden_states[-2][:, 1:])
+    window = render_batch(scenes, [task.Crop(0, 0, 2, 3)] * 2)
+    assert tower_features(vlm, window).shape == (2, 6 * 16, 16)
 
 
-def test_model_card_states_the_optional_stage_c_targets_and_losses(tmp_path: Path) -> None:
+def test_model_card_states_the_optional_stage_c_targets_and_the_windows(tmp_path: Path) -> None:
     plain, extra = tmp_path / "plain", tmp_path / "extra"
     plain.mkdir()
     extra.mkdir()
     write_model_card(
         plain,
-        Recipe(listings_per_image=0, attention_weight=0.0),
+        Recipe(listings_per_image=0, crop_share=0.0),
         {"validation": {"overall": 0.5}, "step": 3},
     )
     write_model_card(
         extra,
-        Recipe(listings_per_image=1, attention_weight=0.5, absent_targets=True),
+        Recipe(listings_per_image=1, crop_share=0.5),
         {"validation": {"overall": 0.5}, "step": 3},
     )
     plain_card = (plain / "MODEL_CARD.md").read_text()
     extra_card = (extra / "MODEL_CARD.md").read_text()
     assert "8 images x (8 questions + 1 caption); the image prefix" in plain_card
     assert "binding listing" not in plain_card
-    assert "Object-attention" not in plain_card
+    assert "in 0 % of the stage-a and stage-c" in plain_card
     assert "(8 questions + 1 caption + 1 binding listing" in extra_card
-    assert "Object-attention loss (weight 0.5)" in extra_card
-    assert "keep it off the image when none of them is present" in extra_card
-
-
-def test_tower_features_take_already_rendered_scenes(
-    lm_tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    vlm = _tiny_vlm(lm_tokenizer)
-    idx = [10_000_000, 10_000_001]
-    labels = render_batch([task.train_scene(0, i)[0] for i in idx])
-    rendered_here = tower_features(vlm, idx, 0)
-    assert rendered_here.shape == (2, task.NUM_PATCHES, 16)
-    assert torch.equal(tower_features(vlm, idx, 0, labels.images), rendered_here)
-    with pytest.raises(ValueError, match="images has 1 scenes but indices has 2"):
-        tower_features(vlm, idx, 0, labels.images[:1])
-
-
-def test_absent_positions_are_answers_to_questions_whose_named_objects_are_missing(
-    lm_tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    red, blue = (1 + task.COLOUR_NAMES.index(c) for c in ("red", "blue"))
-    star, circle = (1 + task.SHAPES.index(s) for s in ("star", "circle"))
-    patches = (
-        torch.tensor([[0, red, blue]]),
-        torch.tensor([[0, star, circle]]),
-        torch.tensor([[0, 0, 1]]),
-    )
-
-    def absent_at(question: str, answer: str) -> list[str]:
-        ids, _, labels = encode_targets(lm_tokenizer, [(question, answer)], 2)
-        targets = object_attention_targets(lm_tokenizer, ids, labels, patches)
-        out = absent_object_positions(lm_tokenizer, ids, labels, targets)
-        return [str(lm_tokenizer.decode([int(ids[0, t])])) for t in out[0].nonzero().flatten()]
-
-    assert absent_at("Is there a red circle?", "no") == [":"]  # both words present, apart
-    assert absent_at("Is there a green cross?", "no") == [":"]
-    assert absent_at("How many green objects?", "zero") == [":"]
-    assert absent_at("Is there a red star?", "yes") == []
-    assert absent_at("How many red objects?", "one") == []
-    assert absent_at(task.DESCRIBE_QUESTION, "blue circle") == []  # names nothing
-    assert absent_at(CAPTION_QUESTION, "red star , blue circle") == []
-
-
-def test_absent_targets_add_the_off_image_term_only_when_asked(
-    lm_tokenizer: PreTrainedTokenizerBase,
-) -> None:
-    vlm = _tiny_vlm(lm_tokenizer)
-    scenes = [task.train_scene(0, i)[0] for i in range(2)]
-    labels = render_batch(scenes)
-    feats = torch.randn(2, task.NUM_PATCHES, 16)
-    patches = (labels.colour, labels.shape, labels.largest)
-    present = [(f"What colour is the {s.objects[0].shape}?", s.objects[0].colour) for s in scenes]
-    missing = [
-        (f"How many {next(c for c in task.COLOUR_NAMES if s.count(c) == 0)} objects?", "zero")
-        for s in scenes
-    ]
-    _, plain = qa_loss(vlm, feats, [present, missing], patches, 0.5)
-    _, with_absent = qa_loss(vlm, feats, [present, missing], patches, 0.5, absent=True)
-    assert "attn_g1" not in plain  # nothing named is present: no target without absent
-    assert with_absent["attn_g1"] > 0
-    assert with_absent["attn_g0"] == pytest.approx(plain["attn_g0"])  # present: unchanged
-
-
-def test_absent_targets_need_the_attention_loss() -> None:
-    with pytest.raises(ValueError, match="set attention_weight > 0"):
-        Recipe(absent_targets=True, attention_weight=0.0)
-    _, recipe = parse_args(["--run-dir", "RUN", "--attention-weight", "0.5", "--absent-targets"])
-    assert recipe.absent_targets
-    assert not parse_args(["--run-dir", "RUN"])[1].absent_targets
+    assert "in 50 % of the stage-a and stage-c" in extra_card
+    prompt = "`" + PROMPT.replace("\n", "\\n") + "`."
+    for card in (plain_card, extra_card):
+        assert prompt in card
+        assert "Object-attention" not in card
+        assert "no loss on the language model's attention" in card

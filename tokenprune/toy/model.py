@@ -46,7 +46,17 @@ ASSETS = Path(__file__).parent / "assets"
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
-PROMPT = "USER: <image>\n{question} ASSISTANT:"
+BOS = "<|im_start|>"
+"""SmolLM2's begin-of-sequence token (the first token of every prompt)."""
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions. "
+)
+"""LLaVA-1.5's system prompt: with BOS it gives the language model text before the image."""
+PROMPT = BOS + SYSTEM_PROMPT + "USER: <image>\n{question} ASSISTANT:"
+"""The prompt of models trained by the current recipe (saved in ``vlm/lora.json``)."""
+LEGACY_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+"""The prompt of checkpoints whose ``vlm/lora.json`` names none (no BOS, no system prompt)."""
 CLIP_MAX_LEN = 64
 TRAINED_FILE = "vlm_trained.safetensors"
 LORA_A, LORA_B = ".lora_A", ".lora_B"
@@ -314,7 +324,8 @@ class ToyProcessor:
 
     Args:
         processor: ``LlavaProcessor`` (images + prompts -> model inputs).
-        prompt: Prompt template with ``{question}``.
+        prompt: Prompt template with ``{question}``: the one the model was trained with
+            (``vlm/lora.json``; :data:`LEGACY_PROMPT` when it names none).
     """
 
     processor: LlavaProcessor
@@ -388,4 +399,4 @@ def load_default_model(
     processor = LlavaProcessor.from_pretrained(assets / "processor")
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model.eval(), ToyProcessor(processor)
+    return model.eval(), ToyProcessor(processor, str(meta.get("prompt", LEGACY_PROMPT)))

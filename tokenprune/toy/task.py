@@ -93,7 +93,7 @@ class Scene:
 
     @property
     def largest(self) -> SceneObject:
-        """Return the (unique) largest object."""
+        """Return the largest object (unique in a sampled scene; see :func:`is_large`)."""
         return max(self.objects, key=lambda o: o.radius)
 
     def count(self, colour: str) -> int:
@@ -103,6 +103,15 @@ class Scene:
     def caption(self) -> str:
         """Return the reading-order caption, e.g. ``"red star , blue circle"``."""
         return " , ".join(o.name for o in self.objects)
+
+
+def is_large(obj: SceneObject) -> bool:
+    """Return whether ``obj`` is a scene's one large object (radius in :data:`LARGE_RADII`).
+
+    Every sampled scene has exactly one; a part of a scene (:func:`crop_scene`) may have none,
+    and then no question or caption speaks of its largest object.
+    """
+    return obj.radius >= LARGE_RADII[0]
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,125 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         cy = row * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
         objects.append(SceneObject(COLOUR_NAMES[c], SHAPES[s], r, row, col, cx, cy))
     return Scene(tuple(objects), int(rng.integers(2**31)))
+
+
+LAYOUT = 3
+"""Cells per side of the layout grid; a cell is :data:`CELL` pixels (4 patches) wide."""
+
+
+@dataclass(frozen=True)
+class Crop:
+    """A window of whole layout-grid cells: the part of a scene that an image shows.
+
+    Objects never leave their cell, so a window holds each object wholly or not at all. The
+    window keeps the scene's absolute geometry: its patches are a sub-grid of the full 12x12
+    grid (:attr:`patch_ids`), so a tower can give them their full-image position embeddings.
+
+    Args:
+        row: Top cell row.
+        col: Left cell column.
+        rows: Height in cells (1-3).
+        cols: Width in cells (1-3).
+
+    Examples:
+        >>> Crop(1, 0, 1, 2).patch_ids[:3].tolist(), Crop(1, 0, 1, 2).num_patches
+        ([48, 49, 50], 32)
+        >>> FULL.num_patches == NUM_PATCHES
+        True
+    """
+
+    row: int
+    col: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        """Reject windows that leave the layout grid."""
+        if not (
+            self.rows >= 1
+            and self.cols >= 1
+            and 0 <= self.row <= LAYOUT - self.rows
+            and 0 <= self.col <= LAYOUT - self.cols
+        ):
+            raise ValueError(f"{self} does not fit the {LAYOUT}x{LAYOUT} layout grid")
+
+    @property
+    def num_patches(self) -> int:
+        """Return the number of patches the window shows."""
+        return self.rows * self.cols * (CELL // PATCH_SIZE) ** 2
+
+    @property
+    def patch_ids(self) -> np.ndarray:
+        """Return the raster indices (in the full 12x12 grid) of the window's patches, in order.
+
+        Shape:
+            ``(num_patches,)``.
+        """
+        per = CELL // PATCH_SIZE
+        r = np.arange(self.row * per, (self.row + self.rows) * per)
+        c = np.arange(self.col * per, (self.col + self.cols) * per)
+        return (r[:, None] * GRID + c[None, :]).reshape(-1)
+
+    def pixels(self, image: np.ndarray) -> np.ndarray:
+        """Return the window of a full-scene image (or object map).
+
+        Shape:
+            ``(96, 96, ...)`` -> ``(32 * rows, 32 * cols, ...)``.
+        """
+        return image[
+            self.row * CELL : (self.row + self.rows) * CELL,
+            self.col * CELL : (self.col + self.cols) * CELL,
+        ]
+
+    def holds(self, obj: SceneObject) -> bool:
+        """Return whether the object's cell lies inside the window."""
+        return (
+            self.row <= obj.row < self.row + self.rows
+            and self.col <= obj.col < self.col + self.cols
+        )
+
+
+FULL = Crop(0, 0, LAYOUT, LAYOUT)
+"""The whole scene."""
+
+
+def crop_scene(scene: Scene, crop: Crop) -> Scene:
+    """Return the part of ``scene`` that ``crop`` shows (same texture, absolute coordinates).
+
+    Args:
+        scene: The scene.
+        crop: The window.
+
+    Returns:
+        The scene of the objects inside the window (possibly none).
+    """
+    return Scene(tuple(o for o in scene.objects if crop.holds(o)), scene.texture_seed)
+
+
+def sample_crop(scene: Scene, rows: int, cols: int, rng: np.random.Generator) -> Crop:
+    """Return a ``rows`` x ``cols`` window of ``scene`` that shows at least one object.
+
+    Args:
+        scene: The scene (at least one object).
+        rows: Window height in cells.
+        cols: Window width in cells.
+        rng: Random generator (advanced in place).
+
+    Returns:
+        A window drawn uniformly among those showing an object.
+
+    Raises:
+        ValueError: If the scene has no object.
+    """
+    options = [
+        Crop(r, c, rows, cols)
+        for r in range(LAYOUT - rows + 1)
+        for c in range(LAYOUT - cols + 1)
+        if any(Crop(r, c, rows, cols).holds(o) for o in scene.objects)
+    ]
+    if not options:
+        raise ValueError("sample_crop needs a scene with at least one object")
+    return options[int(rng.integers(len(options)))]
 
 
 def _shape_mask(shape: str, cx: int, cy: int, r: int) -> np.ndarray:
@@ -340,7 +468,7 @@ DESCRIBE_QUESTION = "Describe the image."
 def _describe(scene: Scene, rng: np.random.Generator, target: str) -> Question | None:
     del rng
     o = scene.largest
-    if target != o.colour:
+    if target != o.colour or not is_large(o):
         return None
     return Question("describe", DESCRIBE_QUESTION, o.name)
 
@@ -489,6 +617,109 @@ def train_scene(seed: int, index: int) -> tuple[Scene, np.random.Generator]:
     return sample_scene(rng), rng
 
 
+_SHAPE_RE = "|".join(SHAPES)
+_COLOUR_RE = "|".join(COLOUR_NAMES)
+_OBJECT_RE = rf"(?P<{{0}}c>{_COLOUR_RE}) (?P<{{0}}s>{_SHAPE_RE})"
+_QUESTION_PATTERNS = {
+    "attribute": re.compile(rf"What colour is the (?P<s>{_SHAPE_RE})\?"),
+    "existence": re.compile(rf"Is there a {_OBJECT_RE.format('')}\?"),
+    "counting": re.compile(rf"How many (?P<c>{_COLOUR_RE}) objects\?"),
+    "spatial": re.compile(
+        rf"Is the {_OBJECT_RE.format('a')} (?:{'|'.join(RELATIONS)}) the {_OBJECT_RE.format('b')}\?"
+    ),
+    "describe": re.compile(re.escape(DESCRIBE_QUESTION)),
+}
+
+
+def named_objects(scene: Scene, question: Question) -> tuple[SceneObject, ...]:
+    """Return the objects a question is about: where its answer is in the image.
+
+    * attribute -- the object with the named shape;
+    * existence -- the named object if present; if absent, the objects that share its colour or
+      its shape (what a model must look at to answer "no"; none when no object shares either);
+    * counting -- the objects of the named colour (none when the answer is "zero");
+    * spatial -- both named objects;
+    * describe -- the largest object.
+
+    Args:
+        scene: The scene the question is about.
+        question: A question of one of the :data:`FAMILIES` templates.
+
+    Returns:
+        The objects, in reading order (possibly none).
+
+    Raises:
+        ValueError: If the question does not follow its family's template.
+
+    Examples:
+        >>> ex = make_example("test", 0, "attribute", 0)
+        >>> ex.question.text, [o.name for o in named_objects(ex.scene, ex.question)]
+        ('What colour is the square?', ['red square'])
+    """
+    pattern = _QUESTION_PATTERNS.get(question.family)
+    m = pattern.fullmatch(question.text) if pattern is not None else None
+    if m is None:
+        raise ValueError(
+            f"{question.text!r} is not a {question.family!r} question of the shapes task"
+        )
+    g = m.groupdict()
+    objs = scene.objects
+    if question.family == "attribute":
+        return tuple(o for o in objs if o.shape == g["s"])
+    if question.family == "existence":
+        exact = tuple(o for o in objs if (o.colour, o.shape) == (g["c"], g["s"]))
+        return exact or tuple(o for o in objs if o.colour == g["c"] or o.shape == g["s"])
+    if question.family == "counting":
+        return tuple(o for o in objs if o.colour == g["c"])
+    if question.family == "spatial":
+        pair = {(g["ac"], g["as"]), (g["bc"], g["bs"])}
+        return tuple(o for o in objs if (o.colour, o.shape) in pair)
+    return (scene.largest,)
+
+
+def relevant_patches(scene: Scene, question: Question, obj_map: np.ndarray) -> np.ndarray:
+    """Return, per patch, how many pixels of the question's :func:`named_objects` it covers.
+
+    A patch is *relevant* when its count is positive (it overlaps a named object).
+
+    Args:
+        scene: The scene.
+        question: The question.
+        obj_map: The scene's object map from :func:`render`.
+
+    Returns:
+        Pixel counts in raster order (``int64``).
+
+    Shape:
+        ``(144,)``.
+    """
+    index = {id(o): i for i, o in enumerate(scene.objects)}
+    wanted = [index[id(o)] for o in named_objects(scene, question)]
+    mask = np.isin(obj_map, wanted)
+    blocks = mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).sum((1, 3))
+    return np.asarray(blocks.reshape(NUM_PATCHES), dtype=np.int64)
+
+
+ANSWER_VOCABULARY: dict[str, frozenset[str]] = {
+    "attribute": frozenset(COLOUR_NAMES),
+    "existence": frozenset({"yes", "no"}),
+    "counting": frozenset(NUMBER_WORDS),
+    "spatial": frozenset({"yes", "no"}),
+    "describe": frozenset(f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES),
+}
+"""Every answer a family can have (after :func:`normalize_answer`)."""
+
+
+def is_well_formed(prediction: str, family: str) -> bool:
+    """Return whether a prediction is an answer its family can have, right or wrong.
+
+    Examples:
+        >>> is_well_formed("Yes.", "existence"), is_well_formed("two", "existence")
+        (True, False)
+    """
+    return normalize_answer(prediction) in ANSWER_VOCABULARY[family]
+
+
 _WORD_NUMBERS = {str(i): w for i, w in enumerate(NUMBER_WORDS)}
 _SYNONYMS = {"color": "colour", "grey": "gray", "true": "yes", "false": "no"}
 
@@ -529,7 +760,7 @@ def caption_variants(scene: Scene, rng: np.random.Generator) -> str:
     objs = list(scene.objects)
     rng.shuffle(objs)
     names = [f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.name}" for o in objs]
-    listing = ", ".join(names[:-1]) + f" and {names[-1]}"
+    listing = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
     head = ["there is ", "the image shows ", "in the image : ", ""][int(rng.integers(4))]
     parts = [head + listing + " ."]
     a, b = objs[0], objs[-1]
@@ -540,7 +771,10 @@ def caption_variants(scene: Scene, rng: np.random.Generator) -> str:
     colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
     parts.append(f"how many {colour} objects ? {NUMBER_WORDS[scene.count(colour)]} .")
     big = scene.largest
-    parts.append(f"what colour is the largest object ? {big.colour} , the {big.shape} .")
+    if is_large(big):
+        parts.append(f"what colour is the largest object ? {big.colour} , the {big.shape} .")
+    one = objs[int(rng.integers(len(objs)))]
+    parts.append(f"the {one.shape} is {one.colour} .")
     keep = [parts[0]] + [p for p in parts[1:] if rng.random() < 0.5]
     return " ".join(keep)
 

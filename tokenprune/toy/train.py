@@ -3,12 +3,18 @@
 Stages:
 
 a. CLIP-style contrastive pretraining of a ``CLIPModel`` on scene captions, plus a dense local
-   auxiliary loss (per-patch colour / shape / largest-object heads on the layer the VLM reads;
-   the heads are training-only and not shipped).
+   auxiliary loss (per-patch colour / shape / largest-object / row / column heads on the layer
+   the VLM reads; the heads are training-only and not shipped).
 b. Projector alignment: tower and LM frozen (except the final RMSNorm scale, re-fitted because
    the LM is truncated), caption target ("red star , blue circle , ...").
 c. Instruction tuning on the question families: tower frozen, LM frozen with LoRA adapters on
    every linear layer, projector trained; a caption target on every image as extra supervision.
+
+In stages a and c a share of the steps (``crop_share``) shows each image as a window of whole
+layout cells (:class:`tokenprune.toy.task.Crop`): the tower sees only the window's pixels with
+their full-image position embeddings, and every caption, question and label is about the objects
+in the window. The number of visual tokens thus varies (16-144) through the image itself, never
+through a token selection.
 
 Stages b and c render fresh training scenes and run the frozen tower without gradients. Every
 stage is resumable from ``<run>/stage_<x>/ckpt.pt``; validation (per-family accuracy and answer
@@ -24,16 +30,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -88,15 +92,9 @@ class Recipe:
         c_lr: Stage-c learning rate (projector and LoRA).
         images_per_step: Images per step in stages b and c.
         questions_per_image: Questions per image in stage c (plus one caption).
-        attention_weight: Weight of the object-attention loss in stage c (``0`` = off): at
-            every suffix token that names a colour or a shape, the heads in
-            :data:`ATTENTION_HEADS` are trained to put their attention on the image patches of
-            the objects the word names (see :func:`object_attention_targets`).
-        absent_targets: With the object-attention loss, also supervise the answer position of
-            a question whose named objects are all absent from the image ("Is there a blue
-            triangle?" with no blue triangle, "How many red objects?" with none): the heads are
-            trained to keep their attention off the image (see
-            :func:`absent_object_positions`).
+        crop_share: Share of stage-a and stage-c steps whose images are windows of whole
+            layout cells (:func:`sample_window_shape`), so that the visual-token count varies
+            through the image itself.
         listings_per_image: Binding listings per image in stage c (``0`` = none): targets such
             as ``"the star is red , the circle is blue"`` in a random object order, which
             supervise the shape-to-colour lookup once per object instead of once per question.
@@ -117,13 +115,12 @@ class Recipe:
     lm_layers: int = 8
     b_steps: int = 30
     b_lr: float = 2e-3
-    c_steps: int = 700
+    c_steps: int = 1000
     c_lr: float = 1e-3
     images_per_step: int = 8
     questions_per_image: int = 8
     listings_per_image: int = 1
-    attention_weight: float = 0.5
-    absent_targets: bool = False
+    crop_share: float = 0.5
     lora_r: int = 16
     lora_alpha: int = 32
     val_per_family: int = 40
@@ -132,11 +129,8 @@ class Recipe:
     bf16: bool = False
 
     def __post_init__(self) -> None:
-        if self.absent_targets and self.attention_weight <= 0:
-            raise ValueError(
-                "absent_targets is part of the object-attention loss: set attention_weight > 0 "
-                "(--attention-weight) or leave absent_targets off"
-            )
+        if not 0.0 <= self.crop_share <= 1.0:
+            raise ValueError(f"crop_share={self.crop_share} must be in [0, 1] (--crop-share)")
 
 
 class Logger:
@@ -167,50 +161,104 @@ class Logger:
 
 @dataclass
 class SceneBatch:
-    """Rendered scenes with dense labels.
+    """Rendered scenes (or windows of them) with dense labels.
 
     Args:
-        scenes: The scenes.
-        images: uint8 images ``(B, 96, 96, 3)``.
-        colour: Per-patch colour id (0 background, else 1 + colour index) ``(B, 144)``.
-        shape: Per-patch shape id (0 background, else 1 + shape index) ``(B, 144)``.
-        largest: Per-patch flag, 1 on the largest object ``(B, 144)``.
+        scenes: What each image shows: the scene, or the part of it inside its window.
+        images: uint8 images ``(B, 32 * rows, 32 * cols, 3)`` (``(B, 96, 96, 3)`` uncropped).
+        patch_ids: Full-grid raster index of every patch shown ``(B, N)``.
+        colour: Per-patch colour id (0 background, else 1 + colour index) ``(B, N)``.
+        shape: Per-patch shape id (0 background, else 1 + shape index) ``(B, N)``.
+        largest: Per-patch flag, 1 on the scene's large object ``(B, N)``.
     """
 
     scenes: list[task.Scene]
     images: np.ndarray
+    patch_ids: torch.Tensor
     colour: torch.Tensor
     shape: torch.Tensor
     largest: torch.Tensor
 
 
-def render_batch(scenes: list[task.Scene]) -> SceneBatch:
-    """Render scenes and their per-patch labels.
+def render_batch(scenes: list[task.Scene], crops: list[task.Crop] | None = None) -> SceneBatch:
+    """Render scenes, cut their windows, and return the per-patch labels of what is shown.
 
     Args:
-        scenes: The scenes.
+        scenes: The full scenes.
+        crops: One window per scene (all of one size); the full scenes when None.
 
     Returns:
         The batch.
+
+    Raises:
+        ValueError: If the windows differ in size or their number differs from the scenes'.
     """
-    images, colour, shape, largest = [], [], [], []
-    for s in scenes:
+    crops = crops if crops is not None else [task.FULL] * len(scenes)
+    if len(crops) != len(scenes) or len({(c.rows, c.cols) for c in crops}) > 1:
+        raise ValueError("render_batch needs one window per scene, all of the same size")
+    shown, images, ids, colour, shape, largest = [], [], [], [], [], []
+    for s, crop in zip(scenes, crops, strict=True):
         img, obj_map = task.render(s)
-        idx = task.patch_object_index(obj_map)
+        idx = task.patch_object_index(obj_map)[crop.patch_ids]
         col = np.array([0] + [1 + task.COLOUR_NAMES.index(o.colour) for o in s.objects])
         shp = np.array([0] + [1 + task.SHAPES.index(o.shape) for o in s.objects])
-        big = np.array([0] + [int(o is s.largest) for o in s.objects])
-        images.append(img)
+        big = np.array([0] + [int(task.is_large(o)) for o in s.objects])
+        shown.append(task.crop_scene(s, crop) if crop != task.FULL else s)
+        images.append(crop.pixels(img))
+        ids.append(crop.patch_ids)
         colour.append(col[idx + 1])
         shape.append(shp[idx + 1])
         largest.append(big[idx + 1])
     return SceneBatch(
-        scenes,
+        shown,
         np.stack(images),
+        torch.from_numpy(np.stack(ids)).long(),
         torch.from_numpy(np.stack(colour)).long(),
         torch.from_numpy(np.stack(shape)).long(),
         torch.from_numpy(np.stack(largest)).long(),
     )
+
+
+WINDOW_SHAPES: tuple[tuple[int, int], ...] = tuple(
+    (r, c) for r in range(1, task.LAYOUT + 1) for c in range(1, task.LAYOUT + 1)
+)[:-1]
+"""Window sizes (rows, columns of layout cells) a cropped step draws from: all but the full 3x3."""
+
+
+def sample_window_shape(rng: np.random.Generator, crop_share: float) -> tuple[int, int] | None:
+    """Return the window size of one step, or None (full images) with ``1 - crop_share``.
+
+    Examples:
+        >>> sample_window_shape(np.random.default_rng(0), 0.0) is None
+        True
+        >>> sample_window_shape(np.random.default_rng(0), 1.0) in WINDOW_SHAPES
+        True
+    """
+    if rng.random() >= crop_share:
+        return None
+    return WINDOW_SHAPES[int(rng.integers(len(WINDOW_SHAPES)))]
+
+
+def step_crops(
+    scenes: list[task.Scene], seed: int, stage: str, step: int, crop_share: float
+) -> list[task.Crop] | None:
+    """Return the windows of one training step (seeded by stage and step), or None.
+
+    Args:
+        scenes: The step's full scenes.
+        seed: Dataset seed.
+        stage: Stage name (its own seed namespace).
+        step: Step index.
+        crop_share: Share of steps that crop (see :func:`sample_window_shape`).
+
+    Returns:
+        One window per scene, all of one size, each showing at least one object; or None.
+    """
+    rng = task.rng_for(task.SPLITS["train"], seed, "windows", stage, step)
+    size = sample_window_shape(rng, crop_share)
+    if size is None:
+        return None
+    return [task.sample_crop(s, *size, rng) for s in scenes]
 
 
 def tower_scenes(seed: int, split: str, start: int, n: int) -> list[task.Scene]:
@@ -225,7 +273,12 @@ def tower_scenes(seed: int, split: str, start: int, n: int) -> list[task.Scene]:
 
 
 class DenseHeads(nn.Module):
-    """Per-patch linear heads (colour, shape, largest) on the VLM's layer (training only)."""
+    """Per-patch linear heads on the VLM's layer (training only).
+
+    Colour, shape and large-object heads teach what each patch shows; row and column heads
+    (full-grid coordinates) teach where it is, so the features keep their 2-D position when a
+    language model reads them renumbered.
+    """
 
     def __init__(self, hidden: int) -> None:
         """Create the heads for a tower of width ``hidden``."""
@@ -234,15 +287,56 @@ class DenseHeads(nn.Module):
         self.colour = nn.Linear(hidden, len(task.COLOUR_NAMES) + 1)
         self.shape = nn.Linear(hidden, len(task.SHAPES) + 1)
         self.largest = nn.Linear(hidden, 2)
+        self.row = nn.Linear(hidden, task.GRID)
+        self.col = nn.Linear(hidden, task.GRID)
 
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (colour, shape, largest) logits.
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the logits of every head by name.
 
         Shape:
-            feats ``(B, 144, H)`` -> ``(B, 144, 9)``, ``(B, 144, 7)``, ``(B, 144, 2)``.
+            feats ``(B, N, H)`` -> colour ``(B, N, 9)``, shape ``(B, N, 7)``, largest
+            ``(B, N, 2)``, row and col ``(B, N, 12)``.
         """
         h = self.norm(feats)
-        return self.colour(h), self.shape(h), self.largest(h)
+        return {
+            "colour": self.colour(h),
+            "shape": self.shape(h),
+            "largest": self.largest(h),
+            "row": self.row(h),
+            "col": self.col(h),
+        }
+
+
+def window_hidden_states(
+    vision: Any, pixels: torch.Tensor, patch_ids: torch.Tensor
+) -> list[torch.Tensor]:
+    """Run a CLIP vision transformer on windows, each patch with its full-grid position embedding.
+
+    For full images (``patch_ids`` = ``0..143``) this is exactly the transformer's own forward.
+
+    Args:
+        vision: A ``CLIPVisionModel`` (``clip.vision_model`` or a LLaVA's ``vision_tower``).
+        pixels: Normalised window pixels.
+        patch_ids: Full-grid raster index of each patch of the windows.
+
+    Returns:
+        Hidden states: the embeddings after the pre-norm, then every layer's output.
+
+    Shape:
+        - pixels: ``(B, 3, 8 * h, 8 * w)``; patch_ids: ``(B, h * w)``.
+        - each output: ``(B, 1 + h * w, H)`` (``[CLS]`` first).
+    """
+    emb = vision.embeddings
+    patches = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype))
+    patches = patches.flatten(2).transpose(1, 2)
+    table = emb.position_embedding.weight
+    cls = (emb.class_embedding + table[0]).expand(patches.shape[0], 1, -1)
+    h = vision.pre_layrnorm(torch.cat([cls, patches + table[1 + patch_ids]], 1))
+    states = [h]
+    for layer in vision.encoder.layers:
+        h = layer(h, None)
+        states.append(h)
+    return states
 
 
 def clip_step(
@@ -255,45 +349,53 @@ def clip_step(
     """Return the stage-a loss (contrastive + dense heads) and per-patch accuracies.
 
     The colour head also separates objects from background; the shape and largest-object heads are
-    trained (and scored) on object patches only, so that shape gets the full gradient.
+    trained (and scored) on object patches only, so that shape gets the full gradient; row and
+    column heads are trained on every patch.
 
     Args:
         clip: The CLIP model.
         heads: Dense heads.
         tok: CLIP tokenizer.
-        batch: Rendered scenes.
-        captions: One caption per scene.
+        batch: Rendered scenes or windows.
+        captions: One caption per image, about what it shows.
 
     Returns:
         ``(loss, stats)``.
     """
     enc = tok(captions, padding=True, truncation=True, return_tensors="pt")
-    out = clip(
-        input_ids=enc["input_ids"],
-        attention_mask=enc["attention_mask"],
-        pixel_values=pixel_values(batch.images),
-        return_loss=True,
-        output_hidden_states=True,
-    )
-    feats = out.vision_model_output.hidden_states[-2][:, 1:]
-    lc, ls, ll = heads(feats)
+    states = window_hidden_states(clip.vision_model, pixel_values(batch.images), batch.patch_ids)
+    image = clip.visual_projection(clip.vision_model.post_layernorm(states[-1][:, 0]))
+    text_out = clip.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    text = clip.text_projection(text_out.pooler_output)
+    logits = clip.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(len(captions))
+    contrastive = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    out = heads(states[-2][:, 1:])
     obj = batch.colour > 0
+    row, col = batch.patch_ids // task.GRID, batch.patch_ids % task.GRID
     dense = (
-        F.cross_entropy(lc.flatten(0, 1), batch.colour.flatten())
-        + F.cross_entropy(ls[obj], batch.shape[obj])
-        + F.cross_entropy(ll[obj], batch.largest[obj])
+        F.cross_entropy(out["colour"].flatten(0, 1), batch.colour.flatten())
+        + F.cross_entropy(out["shape"][obj], batch.shape[obj])
+        + F.cross_entropy(out["largest"][obj], batch.largest[obj])
+        + F.cross_entropy(out["row"].flatten(0, 1), row.flatten())
+        + F.cross_entropy(out["col"].flatten(0, 1), col.flatten())
     )
+
+    def accuracy(name: str, target: torch.Tensor, where: torch.Tensor) -> float:
+        return float((out[name].argmax(-1) == target)[where].float().mean())
+
+    every = torch.ones_like(obj)
     stats = {
-        "clip": out.loss.item(),
+        "clip": contrastive.item(),
         "dense": dense.item(),
-        "colour_acc": float((lc.argmax(-1) == batch.colour)[obj].float().mean()),
-        "shape_acc": float((ls.argmax(-1) == batch.shape)[obj].float().mean()),
-        "largest_acc": float((ll.argmax(-1) == batch.largest)[obj].float().mean()),
-        "i2t": float(
-            (out.logits_per_image.argmax(-1) == torch.arange(len(captions))).float().mean()
-        ),
+        "colour_acc": accuracy("colour", batch.colour, obj),
+        "shape_acc": accuracy("shape", batch.shape, obj),
+        "largest_acc": accuracy("largest", batch.largest, obj),
+        "row_acc": accuracy("row", row, every),
+        "col_acc": accuracy("col", col, every),
+        "i2t": float((logits.argmax(-1) == labels).float().mean()),
     }
-    return out.loss + dense, stats
+    return contrastive + dense, stats
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -380,8 +482,9 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
             g["lr"] = cosine_lr(step, recipe.a_steps, recipe.a_lr, 100)
         scenes = tower_scenes(recipe.seed, "train", step * recipe.a_batch, recipe.a_batch)
         rng = task.rng_for(task.SPLITS["train"], recipe.seed, "captions", step)
+        batch = render_batch(scenes, step_crops(scenes, recipe.seed, "a", step, recipe.crop_share))
         loss, stats = clip_step(
-            clip, heads, tok, render_batch(scenes), [task.caption_variants(s, rng) for s in scenes]
+            clip, heads, tok, batch, [task.caption_variants(s, rng) for s in batch.scenes]
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -415,36 +518,24 @@ def stage_a(recipe: Recipe, run_dir: Path, log: Logger) -> CLIPModel:
     return clip
 
 
-def tower_features(
-    vlm: Vlm, indices: list[int], seed: int, images: np.ndarray | None = None
-) -> torch.Tensor:
-    """Render training scenes and return the frozen tower's layer -2 patch features.
+def tower_features(vlm: Vlm, batch: SceneBatch) -> torch.Tensor:
+    """Return the frozen tower's layer -2 patch features of rendered scenes or windows.
 
     Args:
         vlm: The VLM (its vision tower is frozen).
-        indices: Training scene indices.
-        seed: Dataset seed.
-        images: The scenes already rendered (``uint8``, ``(len(indices), 96, 96, 3)``), e.g.
-            by :func:`render_batch`; rendered here when ``None``.
+        batch: Rendered scenes or windows (:func:`render_batch`).
 
     Returns:
         Features, ``[CLS]`` dropped.
 
     Shape:
-        ``(len(indices), 144, H)``.
+        ``(B, N, H)`` with ``N`` the patches each image shows.
     """
-    if images is None:
-        images = np.stack([task.render(task.train_scene(seed, i)[0])[0] for i in indices])
-    elif len(images) != len(indices):
-        raise ValueError(
-            f"images has {len(images)} scenes but indices has {len(indices)}: pass the images "
-            "rendered from exactly these training scenes, or leave images=None"
-        )
     with torch.no_grad():
-        out = vlm.model.model.vision_tower(
-            pixel_values=pixel_values(images), output_hidden_states=True
+        states = window_hidden_states(
+            vlm.model.model.vision_tower, pixel_values(batch.images), batch.patch_ids
         )
-    return cast(torch.Tensor, out.hidden_states[-2][:, 1:])
+    return states[-2][:, 1:]
 
 
 # ----------------------------------------------------------------------------- VLM pieces
@@ -452,8 +543,6 @@ def tower_features(
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CAPTION_QUESTION = "List the objects."
 LISTING_QUESTION = "What colour is each shape?"
-ATTENTION_HEADS = ((3, 0), (4, 0))
-"""``(layer, head)`` pairs of the LM whose attention the object-attention loss supervises."""
 
 
 @dataclass
@@ -608,153 +697,21 @@ def encode_targets(
     return ids, mask, lab
 
 
-def object_attention_targets(
-    tok: PreTrainedTokenizerBase,
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-) -> torch.Tensor:
-    """Return, per suffix position, the image patches that the next word depends on.
-
-    - A colour word names the patches of that colour; a shape word those of that shape,
-      restricted to the colour of the word before it when that is a colour word ("blue
-      triangle").
-    - ``is`` after a shape word (binding listings: "the star is") keeps the shape word's patches.
-    - The position that predicts the answer gets the patches of every object the question
-      names: each shape word's (with its colour word, so "Is there a blue triangle?" keeps only
-      blue triangles) and each colour word's that no shape word follows ("How many red
-      objects?"); or the largest object's patches for a question that names nothing but
-      describes the image.
-
-    Positions that name nothing, or name objects absent from the image, get no patch.
-
-    Args:
-        tok: LM tokenizer (colour and shape words are single tokens with a leading space).
-        ids: Suffix token ids.
-        labels: Answer labels of the suffixes (``-100`` outside answers, unshifted).
-        patches: Per-patch ``(colour, shape, largest)`` ids of each row's image (colour and
-            shape: 0 background, else 1 + index; largest: 1 on the largest object).
-
-    Returns:
-        Boolean targets.
-
-    Shape:
-        - ids, labels: ``(N, L)``; each of ``patches``: ``(N, P)``.
-        - Output: ``(N, L, P)``.
-    """
-    colour, shape, largest = patches
-    colour_of, shape_of, is_id = _word_ids(tok)
-    describe = tok(task.DESCRIBE_QUESTION, add_special_tokens=False)["input_ids"]
-    n, length = ids.shape
-    out = torch.zeros(n, length, colour.shape[1], dtype=torch.bool)
-    for r, row in enumerate(ids.tolist()):
-        answer = int((labels[r] != -100).nonzero()[0]) - 1 if (labels[r] != -100).any() else -1
-        for t, token in enumerate(row):
-            if t == answer:
-                named = [
-                    out[r, u]
-                    for u in range(t)
-                    if row[u] in shape_of or (row[u] in colour_of and row[u + 1] not in shape_of)
-                ]
-                question = torch.stack(named).any(0) if named else torch.zeros_like(out[r, t])
-                if not named and _contains(row[:t], describe):
-                    question = largest[r] == 1
-                out[r, t] = question if t > 0 else False
-            elif token in colour_of:
-                out[r, t] = colour[r] == colour_of[token]
-            elif token in shape_of:
-                hit = shape[r] == shape_of[token]
-                if t > 0 and row[t - 1] in colour_of:
-                    hit &= colour[r] == colour_of[row[t - 1]]
-                out[r, t] = hit
-            elif t > max(answer, 0) and token == is_id and row[t - 1] in shape_of:
-                out[r, t] = out[r, t - 1]
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _word_ids(tok: PreTrainedTokenizerBase) -> tuple[Mapping[int, int], Mapping[int, int], int]:
-    """Return ``({colour token: colour id}, {shape token: shape id}, id of " is")``.
-
-    Cached per tokenizer: the training loop asks for them for every suffix group of every step.
-    """
-
-    def first_id(word: str) -> int:
-        return int(tok(" " + word, add_special_tokens=False)["input_ids"][0])
-
-    colour_of = {first_id(c): i + 1 for i, c in enumerate(task.COLOUR_NAMES)}
-    shape_of = {first_id(c): i + 1 for i, c in enumerate(task.SHAPES)}
-    return colour_of, shape_of, first_id("is")
-
-
-def absent_object_positions(
-    tok: PreTrainedTokenizerBase, ids: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """Return the answer positions of questions that name objects none of which is in the image.
-
-    A question names objects when it has a colour or a shape word; its answer position's
-    target in ``targets`` (from :func:`object_attention_targets`) is then empty exactly when
-    none of them is present: "Is there a blue triangle?" without a blue triangle, "How many
-    red objects?" without a red one. There, the object-attention loss trains the heads to keep
-    their attention off the image, so that whether anything was found can be read from them.
-
-    Args:
-        tok: LM tokenizer.
-        ids: Suffix token ids.
-        labels: Answer labels of the suffixes (``-100`` outside answers, unshifted).
-        targets: :func:`object_attention_targets` of the same suffixes.
-
-    Returns:
-        Boolean mask.
-
-    Shape:
-        - ids, labels: ``(N, L)``; targets: ``(N, L, P)``.
-        - Output: ``(N, L)``.
-    """
-    colour_of, shape_of, _ = _word_ids(tok)
-    out = torch.zeros(ids.shape, dtype=torch.bool)
-    for r, row in enumerate(ids.tolist()):
-        if not (labels[r] != -100).any():
-            continue
-        answer = int((labels[r] != -100).nonzero()[0]) - 1
-        names = any(t in colour_of or t in shape_of for t in row[:answer])
-        out[r, answer] = answer > 0 and names and not bool(targets[r, answer].any())
-    return out
-
-
-def _contains(row: list[int], part: list[int]) -> bool:
-    """Return whether ``part`` occurs contiguously in ``row``."""
-    return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
-
-
 def qa_loss(
-    vlm: Vlm,
-    feats: torch.Tensor,
-    groups: list[list[tuple[str, str]]],
-    patches: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    attention_weight: float = 0.0,
-    absent: bool = False,
+    vlm: Vlm, feats: torch.Tensor, groups: list[list[tuple[str, str]]]
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Return the answer loss for several suffix groups sharing one image prefix per image.
 
-    The image prefix (``USER: `` + 144 projected tokens) runs once; each group (same number of
-    suffixes per image) runs on a repeated copy of its cache. With ``attention_weight`` > 0 and
-    per-patch labels, the object-attention loss (:func:`object_attention_targets`, heads
-    :data:`ATTENTION_HEADS`, ``-log`` of the attention mass on the named patches) is added.
+    The image prefix (the prompt up to ``<image>`` + the projected image tokens) runs once; each
+    group (same number of suffixes per image) runs on a repeated copy of its cache.
 
     Args:
         vlm: The VLM.
-        feats: Tower features ``(B, 144, H)``.
+        feats: Tower features ``(B, N, H)``.
         groups: Per group, ``B * k`` ``(question, answer)`` pairs, image-major.
-        patches: Per-patch ``(colour, shape, largest)`` labels of the images, each
-            ``(B, 144)`` (see :func:`object_attention_targets`).
-        attention_weight: Weight of the object-attention loss.
-        absent: Also train the heads to keep their attention off the image at the answer
-            positions of :func:`absent_object_positions` (``-log`` of the mass outside the
-            image patches).
 
     Returns:
-        ``(mean loss over groups, {"loss_g<i>": ..., "attn_g<i>": ...})``.
+        ``(mean loss over groups, {"loss_g<i>": ...})``.
     """
     model = vlm.model
     lm = model.model.language_model
@@ -765,8 +722,6 @@ def qa_loss(
     cache = DynamicCache()
     lm(inputs_embeds=embeds, cache=cache, use_cache=True)
     p_len = embeds.shape[1]
-    first = len(vlm.prefix_ids)
-    supervise = patches is not None and attention_weight > 0
     losses, stats = [], {}
     for gi, pairs in enumerate(groups):
         k = len(pairs) // b
@@ -777,32 +732,12 @@ def qa_loss(
             attention_mask=full_mask,
             cache=repeat_cache(cache, k),
             use_cache=True,
-            output_attentions=supervise,
         )
         target = labels[:, 1:]
         keep = target != -100
         logits = model.lm_head(out.last_hidden_state[:, :-1][keep]).float()
         loss = F.cross_entropy(logits, target[keep])
         stats[f"loss_g{gi}"] = loss.item()
-        if supervise:
-            assert patches is not None
-            colour, shape, largest = (p.repeat_interleave(k, 0) for p in patches)
-            named = object_attention_targets(vlm.tok, ids, labels, (colour, shape, largest))
-            named &= mask.bool().unsqueeze(-1)
-            rows = named.any(-1)
-            off = torch.zeros_like(rows)
-            if absent:
-                off = absent_object_positions(vlm.tok, ids, labels, named) & mask.bool()
-            if rows.any() or off.any():
-                terms = []
-                for layer, head in ATTENTION_HEADS:
-                    attn = out.attentions[layer][:, head, :, first : first + named.shape[-1]]
-                    mass = (attn.float() * named).sum(-1)[rows]
-                    outside = 1 - attn.float().sum(-1)[off]
-                    terms.append(-torch.log(torch.cat([mass, outside]).clamp_min(0) + 1e-6).mean())
-                attn_loss = torch.stack(terms).mean()
-                stats[f"attn_g{gi}"] = attn_loss.item()
-                loss = loss + attention_weight * attn_loss
         losses.append(loss)
     return torch.stack(losses).mean(), stats
 
@@ -810,13 +745,16 @@ def qa_loss(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def generate_answers(vlm: Vlm, examples: list[task.Example], batch: int = 25) -> list[str]:
+def generate_answers(
+    vlm: Vlm, examples: list[task.Example], batch: int = 25, prompt: str = PROMPT
+) -> list[str]:
     """Answer examples through the real ``LlavaForConditionalGeneration.generate`` path.
 
     Args:
         vlm: The VLM (any dtype; bf16 weights run under autocast).
         examples: Examples to answer.
         batch: Batch size.
+        prompt: Prompt template (the one the model was trained with).
 
     Returns:
         Decoded answers (special tokens dropped, stripped).
@@ -829,7 +767,7 @@ def generate_answers(vlm: Vlm, examples: list[task.Example], batch: int = 25) ->
         for start in range(0, len(examples), batch):
             chunk = examples[start : start + batch]
             images = [task.render(e.scene)[0] for e in chunk]
-            texts = [PROMPT.format(question=e.question.text) for e in chunk]
+            texts = [prompt.format(question=e.question.text) for e in chunk]
             enc = vlm.processor(images=images, text=texts, padding=True, return_tensors="pt")  # type: ignore[operator]
             out = model.generate(**enc, max_new_tokens=6, do_sample=False)
             new = out[:, enc["input_ids"].shape[1] :]
@@ -907,16 +845,13 @@ def train_qa_stage(
             g["lr"] = cosine_lr(step, steps, lr, 30 if name == "b" else 60)
         offset = 0 if name == "b" else 10_000_000
         idx = [offset + step * n_img + i for i in range(n_img)]
-        groups = stage_groups(name, idx, step, recipe)
-        patches, images = None, None
-        if name == "c" and recipe.attention_weight > 0:
-            labels = render_batch([task.train_scene(recipe.seed, i)[0] for i in idx])
-            patches, images = (labels.colour, labels.shape, labels.largest), labels.images
-        feats = tower_features(vlm, idx, recipe.seed, images)
+        scenes = [task.train_scene(recipe.seed, i)[0] for i in idx]
+        share = recipe.crop_share if name == "c" else 0.0
+        batch = render_batch(scenes, step_crops(scenes, recipe.seed, name, step, share))
+        groups = stage_groups(name, idx, batch.scenes, step, recipe)
+        feats = tower_features(vlm, batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16):
-            loss, stats = qa_loss(
-                vlm, feats, groups, patches, recipe.attention_weight, recipe.absent_targets
-            )
+            loss, stats = qa_loss(vlm, feats, groups)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -962,10 +897,15 @@ def training_answer_histogram(recipe: Recipe, steps: int = 50) -> dict[str, dict
     """Return per-family answer histograms of the first ``steps`` stage-c steps (no rendering)."""
     hist: dict[str, Counter[str]] = {f: Counter() for f in task.FAMILIES}
     for step in range(steps):
-        for i in range(recipe.images_per_step):
-            idx = 10_000_000 + step * recipe.images_per_step + i
-            scene, _ = task.train_scene(recipe.seed, idx)
-            qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, idx)
+        idx = [
+            10_000_000 + step * recipe.images_per_step + i for i in range(recipe.images_per_step)
+        ]
+        scenes = [task.train_scene(recipe.seed, i)[0] for i in idx]
+        crops = step_crops(scenes, recipe.seed, "c", step, recipe.crop_share)
+        if crops is not None:
+            scenes = [task.crop_scene(s, c) for s, c in zip(scenes, crops, strict=True)]
+        for i, scene in zip(idx, scenes, strict=True):
+            qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, i)
             for q in task.training_questions(scene, qrng, recipe.questions_per_image):
                 hist[q.family][q.answer] += 1
     return {f: dict(c.most_common(10)) for f, c in hist.items()}
@@ -995,18 +935,24 @@ def binding_listing(scene: task.Scene, rng: np.random.Generator) -> str:
 
 
 def stage_groups(
-    name: str, idx: list[int], step: int, recipe: Recipe
+    name: str, idx: list[int], scenes: list[task.Scene], step: int, recipe: Recipe
 ) -> list[list[tuple[str, str]]]:
     """Return the target groups of one step.
 
     Stage b: captions. Stage c: questions, then captions, then binding listings when
     ``recipe.listings_per_image`` > 0.
+
+    Args:
+        name: ``"b"`` or ``"c"``.
+        idx: Training scene indices (seed the questions).
+        scenes: What each image shows (the scene, or the part of it in its window).
+        step: Step index.
+        recipe: The recipe.
     """
     captions = []
     questions = []
     listings = []
-    for i in idx:
-        scene, _rng = task.train_scene(recipe.seed, i)
+    for i, scene in zip(idx, scenes, strict=True):
         captions.append((CAPTION_QUESTION, scene.caption()))
         if name == "c":
             qrng = task.rng_for(task.SPLITS["train"], recipe.seed, "questions", step, i)
@@ -1060,6 +1006,7 @@ def export_vlm(
         "lm_layers": recipe.lm_layers,
         "validation_accuracy": accuracy,
         "step": step,
+        "prompt": PROMPT,
     }
     (vlm_dir / "lora.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.copy(run_dir / "log.txt", assets / "training_log.txt")
@@ -1088,7 +1035,7 @@ def compare_precisions(assets: Path, val: list[task.Example], log: Logger) -> di
     for name in ("float32", "bf16_autocast"):
         t = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "float32"):
-            answers[name] = generate_answers(vlm, val)
+            answers[name] = generate_answers(vlm, val, prompt=proc.prompt)
         out[name] = {"seconds": round(time.time() - t, 1), **score(val, answers[name])}
     same = sum(a == b for a, b in zip(answers["float32"], answers["bf16_autocast"], strict=True))
     out["identical_answers"] = round(same / len(val), 4)
@@ -1103,7 +1050,7 @@ def final_test(assets: Path, seed: int, per_family: int, log: Logger) -> dict[st
     model, proc = load_default_model(assets)
     vlm = Vlm(model, proc.processor, [], int(proc.processor.tokenizer.eos_token_id))
     test = task.make_split("test", seed, per_family)
-    result = score(test, generate_answers(vlm, test))
+    result = score(test, generate_answers(vlm, test, prompt=proc.prompt))
     log(f"test split ({per_family}/family, float32): {json.dumps(result)}")
     return result
 
@@ -1134,19 +1081,28 @@ largest object) on a textured grey background, one object per cell of a 3x3 layo
 occlusion). Families: attribute ("What colour is the star?"), existence ("Is there a blue
 triangle?"), counting ("How many red objects?", zero-three), spatial yes/no ("Is the red circle
 left of the blue star?"), describe ("Describe the image." -> colour and shape of the largest
-object). Answers are balanced per family. Prompt: `USER: <image>\\n{{question}} ASSISTANT:`;
+object). Answers are balanced per family (prompt below);
 answers are short words followed by `<|im_end|>`.
 
 ## Training recipe (LLaVA-1.5 style)
-a. CLIP contrastive pretraining on varied scene captions + dense per-patch colour / shape /
-   largest-object heads on layer -2 (training only): up to {a_steps} steps of {a_batch} images;
+a. CLIP contrastive pretraining on varied scene captions (listings, relations, counts, single
+   colour-shape bindings "the star is red") + dense per-patch colour / shape / large-object /
+   row / column heads on layer -2 (training only): up to {a_steps} steps of {a_batch} images;
    stops early once validation per-patch shape and colour accuracy reach {a_target}.
 b. Projector alignment on reading-order captions ("red star , blue circle , ..."), tower and LM
    frozen: {b_steps} steps of {images_per_step} images.
 c. Instruction tuning, tower frozen, LM frozen + LoRA (not full tuning: 135 M parameters do not
    train on 2 CPU cores in the budget, and LoRA keeps the pretrained LM intact): {c_steps} steps
    of {stage_c_batch}; the image prefix
-   runs once per image and its KV cache is repeated per question.{extra_losses}
+   runs once per image and its KV cache is repeated per question.
+
+Varying visual-token count, through the image only: in {crop_pct} % of the stage-a and stage-c
+steps every image is a window of whole layout cells (1x1 to 3x2 cells, 16-96 patches) of its
+scene; the tower sees only the window's pixels, each patch with its full-image position
+embedding, and every caption, question and label is about the objects inside the window. No
+token selection of any kind, and no loss on the language model's attention, is used in training.
+Prompt (LLaVA-1.5's structure: BOS and a system prompt before the image):
+`{prompt}`.
 Every step renders fresh scenes. Training runs in float32 (bf16 autocast hit a slow reference
 bf16 GEMM in the attention backward on this CPU).
 
@@ -1213,25 +1169,11 @@ def _stage_c_extras(recipe: Recipe) -> dict[str, str]:
         if recipe.listings_per_image
         else ""
     )
-    losses = (
-        f"\n   Object-attention loss (weight {recipe.attention_weight}): LM heads "
-        f"{', '.join(f'{layer}.{head}' for layer, head in ATTENTION_HEADS)} (layer.head) are "
-        "trained to attend to the patches that each colour or shape word names, and at the "
-        "answer position to the objects the question names"
-        + (
-            " (and to keep it off the image when none of them is present)"
-            if recipe.absent_targets
-            else ""
-        )
-        + "; methods that read LM attention may rank differently on this model."
-        if recipe.attention_weight
-        else ""
-    )
     batch = (
         f"{recipe.images_per_step} images x ({recipe.questions_per_image} questions + 1 caption"
         f"{targets})"
     )
-    return {"stage_c_batch": batch, "extra_losses": losses}
+    return {"stage_c_batch": batch}
 
 
 def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -> None:
@@ -1270,6 +1212,8 @@ def write_model_card(assets: Path, recipe: Recipe, results: dict[str, object]) -
         "precision": _precision_summary(results.get("precision")),
         "files": "\n".join(f"- `{k}`: {v / 2**20:.2f} MiB" for k, v in sizes.items()),
         "status": _status(recipe, results),
+        "crop_pct": round(100 * recipe.crop_share),
+        "prompt": PROMPT.replace("\n", "\\n"),
         **_stage_c_extras(recipe),
     }
     text = _CARD.format(**fields)
@@ -1291,7 +1235,7 @@ _INT_OPTIONS = (
     "val_per_family",
     "test_per_family",
 )
-_FLOAT_OPTIONS = ("a_lr", "a_target", "b_lr", "c_lr", "attention_weight")
+_FLOAT_OPTIONS = ("a_lr", "a_target", "b_lr", "c_lr", "crop_share")
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
@@ -1315,13 +1259,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(r, name))
     for name in _FLOAT_OPTIONS:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(r, name))
-    p.add_argument(
-        "--absent-targets",
-        action=argparse.BooleanOptionalAction,
-        default=r.absent_targets,
-        help="with --attention-weight: keep the heads' attention off the image when the "
-        "objects a question names are absent",
-    )
     p.add_argument("--tower-hidden", type=int, default=r.tower.hidden)
     p.add_argument("--tower-layers", type=int, default=r.tower.layers)
     args = p.parse_args(argv)
@@ -1331,7 +1268,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Recipe]:
     recipe = Recipe(
         seed=args.seed,
         tower=tower,
-        absent_targets=args.absent_targets,
         **{name: getattr(args, name) for name in (*_INT_OPTIONS, *_FLOAT_OPTIONS)},
     )
     return args, recipe
