@@ -6,13 +6,14 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.tokenprune-installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: help install demo test test-slow lint typecheck docs docs-serve clean results
+.PHONY: help install demo test test-slow lint typecheck docs docs-serve clean results fidelity
 
 help:
 	@echo "make demo       set up .venv and run the demo on the shipped default model"
 	@echo "make test       set up .venv, then lint, type-check, test (not slow) and build the docs"
 	@echo "make test-slow  the slow tests only"
 	@echo "make results    the full evaluation grid on the shipped model -> docs/results/shapes"
+	@echo "make fidelity   the fidelity gates of the shipped model -> runs/fidelity"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +51,14 @@ RESULT_PIPELINES := random_11pct.toml cls_attention_topk64.yaml desap_11pct.yaml
 
 results: $(STAMP)
 	$(BIN)/tokenprune eval --model default --budgets 0.333,0.222,0.111,0.056 --limit 300 \
-		--batch-size 16 --out docs/results/shapes $(foreach c,$(RESULT_PIPELINES),--pipeline configs/$(c))
+		--batch-size 16 --out docs/results/shapes --pipeline oracle \
+		$(foreach c,$(RESULT_PIPELINES),--pipeline configs/$(c))
+
+# Is the shipped model a faithful instrument? Oracle, every method with both position policies and
+# the length control, well-formed answers, a held-out seed, the gates (exit 1 if one fails).
+fidelity: $(STAMP)
+	$(BIN)/tokenprune toy fidelity --split test --limit 60 --out runs/fidelity \
+		$(foreach c,$(RESULT_PIPELINES),--pipeline configs/$(c))
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow -q

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,12 +25,16 @@ from tokenprune.eval.runner import (
     Budget,
     EvalSpec,
     PipelineSpec,
+    PruneRecord,
+    PruneRecorder,
+    _selection_fields,
     load_pipeline_spec,
     model_fingerprint,
     parse_budgets,
     rebudget,
     run_eval,
 )
+from tokenprune.eval.tasks import Sample
 from tokenprune.plugin import Runtime
 
 HERE = Path(__file__).parent
@@ -80,7 +85,8 @@ def test_end_to_end_writes_results_summary_and_plot(finished: Path, model: Any) 
     assert len(set(keys)) == len(keys)
     expected_fields = {
         "pipeline", "budget", "sample_id", "index", "family", "question", "answer",
-        "prediction", "correct", "kept_tokens", "total_tokens",
+        "prediction", "correct", "kept_tokens", "total_tokens", "well_formed", "kept_idx",
+        "relevant_total", "relevant_kept",
     }  # fmt: skip
     assert all(set(r) == expected_fields for r in records)
     by_key = {(r["pipeline"], r["budget"]): r for r in records}
@@ -91,9 +97,16 @@ def test_end_to_end_writes_results_summary_and_plot(finished: Path, model: Any) 
     assert not (finished / "shards").exists()
 
     md = (finished / "summary.md").read_text()
-    assert "| pipeline | budget | visual tokens | colour | bright | overall | retention |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| pipeline"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "pipeline", "budget", "visual tokens", "colour", "bright", "overall", "95% CI",
+        "retention", "recall", "hit rate", "well-formed", "samples",
+    ]  # fmt: skip
     csv_lines = (finished / "summary.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("pipeline,budget,visual tokens,colour,bright,overall,retention")
+    assert csv_lines[0] == (
+        "pipeline,budget,visual tokens,colour,bright,overall,ci_low,ci_high,retention,recall,"
+        "hit rate,well-formed,samples"
+    )
     assert len(csv_lines) == 1 + 5
     with Image.open(finished / "accuracy.png") as png:
         assert png.format == "PNG"
@@ -347,7 +360,7 @@ def test_demo_pipelines_include_installed_reference_methods(tmp_path: Path) -> N
     runtime = Runtime()
     specs = demo_pipelines(tmp_path / "clip", runtime)
     names = [s.name for s in specs]
-    assert names[:2] == ["random", "cls_attention"]
+    assert names[:3] == ["oracle", "random", "cls_attention"]
     if "desap" in runtime.stages.names("scorer"):
         desap = next(s for s in specs if s.name == "desap")
         assert desap.config is not None
@@ -356,7 +369,7 @@ def test_demo_pipelines_include_installed_reference_methods(tmp_path: Path) -> N
     if "desap_dynamic" in runtime.stages.names("selector"):
         assert "desap_dynamic" in names
     without = Runtime(autoload=False)  # built-ins only: the plugin methods drop out
-    assert [s.name for s in demo_pipelines(tmp_path / "clip", without)] == names[:2]
+    assert [s.name for s in demo_pipelines(tmp_path / "clip", without)] == names[:3]
     for spec in specs:
         assert spec.config is not None
         assert spec.config["keep_ratio"] == float(DEMO_BUDGET)
@@ -396,3 +409,76 @@ def test_run_demo(
         assert (tmp_path / "demo" / name).is_file()
     with Image.open(tmp_path / "demo" / "overlay.png") as png:
         assert png.size == panel_grid_size((32, 32), 3, scale=4)
+
+
+# -- what each sample kept ------------------------------------------------------------------------
+
+
+def _record(keep_idx: list[list[int]], num_tokens: int) -> PruneRecord:
+    idx = np.asarray(keep_idx, dtype=np.int64)
+    return PruneRecord(idx, np.ones(idx.shape, np.float32), num_tokens, None)
+
+
+def test_kept_per_sample_at_one_position() -> None:
+    recorder = PruneRecorder()
+    recorder.records.append(_record([[3, 0, 2], [1, 5, 4]], 6))
+    kept = recorder.kept_per_sample(2)
+    assert kept is not None
+    assert [k.tolist() for k in kept] == [[0, 2, 3], [1, 4, 5]]
+
+
+def test_kept_per_sample_composes_llm_positions_with_the_encoder() -> None:
+    recorder = PruneRecorder()
+    recorder.records.append(_record([[1, 3, 5, 7], [0, 1, 2, 3]], 8))  # encoder: 4 of 8
+    recorder.records.append(_record([[2, 0], [3, 1]], 4))  # LLM: 2 of the 4 arriving
+    kept = recorder.kept_per_sample(2)
+    assert kept is not None
+    assert [k.tolist() for k in kept] == [[1, 5], [1, 3]]
+    # one sample per call: the rows are the positions of that sample
+    single = PruneRecorder()
+    single.records += [_record([[1, 3, 5, 7]], 8), _record([[0, 2]], 4)]
+    out = single.kept_per_sample(1)
+    assert out is not None
+    assert [k.tolist() for k in out] == [[1, 5]]
+
+
+def test_kept_per_sample_is_none_when_the_calls_do_not_form_positions() -> None:
+    recorder = PruneRecorder()
+    assert recorder.kept_per_sample(2) is None  # nothing recorded
+    recorder.records.append(_record([[1, 3, 5, 7], [0, 1, 2, 3]], 8))
+    assert recorder.kept_per_sample(3) is None  # 2 rows for 3 samples
+    recorder.records.append(_record([[2, 0], [3, 1]], 5))  # 5 tokens arrive? only 4 were kept
+    assert recorder.kept_per_sample(2) is None
+
+
+def _sample(relevance: np.ndarray | None) -> Sample:
+    return Sample("s", 0, "f", np.zeros((4, 4, 3), np.uint8), "Q?", "yes", relevance=relevance)
+
+
+def test_selection_fields() -> None:
+    rel = np.array([0.0, 2.0, 0.0, 1.0, 3.0, 0.0])
+    fields = _selection_fields(_sample(rel), np.array([1, 2]), 6)
+    assert fields == {"kept_idx": [1, 2], "relevant_total": 3, "relevant_kept": 1}
+    assert _selection_fields(_sample(rel), np.array([1, 3, 4]), 6)["relevant_kept"] == 3
+    assert _selection_fields(_sample(np.zeros(6)), np.array([0]), 6)["relevant_total"] == 0
+    unknown = {"relevant_total": None, "relevant_kept": None}
+    assert _selection_fields(_sample(rel), None, 6) == {"kept_idx": None, **unknown}
+    assert _selection_fields(_sample(None), np.array([0, 4]), 6) == {"kept_idx": [0, 4], **unknown}
+    # a relevance map that is not one entry per visual token of the image is not used
+    assert _selection_fields(_sample(rel), np.array([1, 2]), 5) == {"kept_idx": [1, 2], **unknown}
+    assert _selection_fields(_sample(rel), np.array([1, 2]), None) == {
+        "kept_idx": [1, 2],
+        **unknown,
+    }
+
+
+def test_records_have_the_kept_indices_of_each_sample(finished: Path) -> None:
+    for r in _lines(finished / RESULTS_FILE):
+        if r["pipeline"] == "unpruned":
+            assert r["kept_idx"] is None
+            continue
+        assert len(r["kept_idx"]) == r["kept_tokens"][0]
+        assert r["kept_idx"] == sorted(set(r["kept_idx"]))
+        assert all(0 <= i < r["total_tokens"][0] for i in r["kept_idx"])
+        # the tiny task knows neither where the answer is nor its answer set
+        assert (r["relevant_total"], r["relevant_kept"], r["well_formed"]) == (None, None, None)

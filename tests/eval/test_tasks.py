@@ -89,3 +89,40 @@ def test_factory_specs() -> None:
     with pytest.raises(EvalTaskError, match="not a Task"):
         get_task("tokenprune.eval.tasks:TaskRegistry")
     assert isinstance(get_task("tokenprune.eval.tasks:ShapesTask"), ShapesTask)
+
+
+def test_shapes_samples_carry_relevance_and_well_formedness() -> None:
+    shapes = ShapesTask()
+    samples = shapes.samples("test", 0, 2)
+    examples = toy.make_split("test", 0, 2)
+    empty: list[tuple[str, str]] = []
+    for s, ex in zip(samples, examples, strict=True):
+        assert s.relevance is not None
+        assert s.relevance.shape == (toy.NUM_PATCHES,)
+        assert (s.relevance >= 0).all()
+        obj_map = toy.render(ex.scene)[1]
+        np.testing.assert_array_equal(
+            s.relevance, toy.relevant_patches(ex.scene, ex.question, obj_map)
+        )
+        if not (s.relevance > 0).any():
+            empty.append((s.family, s.answer))
+        assert shapes.well_formed(s.answer, s) is True
+    # Only "how many ...? zero" (and an absent object sharing nothing) may have no relevant token.
+    assert all(
+        (family == "counting" and answer == "zero") or (family == "existence" and answer == "no")
+        for family, answer in empty
+    )
+    assert ("counting", "zero") in empty  # the first counting sample asks for zero
+    attribute = next(s for s in samples if s.family == "attribute")
+    assert shapes.well_formed("The Purple.", attribute) is True
+    assert shapes.well_formed("yes", attribute) is False
+    counting = next(s for s in samples if s.family == "counting")
+    assert shapes.well_formed("3", counting) is True
+    assert shapes.well_formed("red", counting) is False
+
+
+def test_tasks_without_an_answer_set_cannot_tell_well_formedness() -> None:
+    task = _Two()
+    sample = task.samples("test", 0, 1)[0]
+    assert sample.relevance is None
+    assert task.well_formed("anything", sample) is None

@@ -303,3 +303,114 @@ def test_captions_of_one_object_and_of_a_window_without_the_large_object() -> No
         re.search(r"a (red star|blue ring) and a (red star|blue ring) \.", c)
         for c in (task.caption_variants(two, np.random.default_rng(s)) for s in range(10))
     )
+
+
+# -- where the answer is: named_objects, relevant_patches, is_well_formed --------------------------
+
+STAR = _object("red", "star", 0, 0)
+CIRCLE = _object("blue", "circle", 0, 2)
+RING = _object("red", "ring", 1, 1)
+BIG_SQUARE = task.SceneObject("green", "square", 14, 2, 0, 16, 80)  # the largest object
+TRIANGLE = _object("yellow", "triangle", 2, 2)
+HAND_SCENE = task.Scene((STAR, CIRCLE, RING, BIG_SQUARE, TRIANGLE), 11)
+
+NAMED = [
+    (task.Question("attribute", "What colour is the star?", "red"), (STAR,)),
+    (task.Question("existence", "Is there a blue circle?", "yes"), (CIRCLE,)),
+    # absent: what shares its colour (red star, red ring) or its shape (blue circle)
+    (task.Question("existence", "Is there a red circle?", "no"), (STAR, CIRCLE, RING)),
+    (task.Question("existence", "Is there a purple square?", "no"), (BIG_SQUARE,)),
+    (task.Question("existence", "Is there a purple cross?", "no"), ()),
+    (task.Question("counting", "How many red objects?", "two"), (STAR, RING)),
+    (task.Question("counting", "How many orange objects?", "zero"), ()),
+    (
+        task.Question("spatial", "Is the red star left of the yellow triangle?", "yes"),
+        (STAR, TRIANGLE),
+    ),
+    (task.Question("describe", task.DESCRIBE_QUESTION, "green square"), (BIG_SQUARE,)),
+]
+
+
+@pytest.mark.parametrize(("question", "expected"), NAMED, ids=lambda v: getattr(v, "text", ""))
+def test_named_objects_on_a_hand_built_scene(
+    question: task.Question, expected: tuple[task.SceneObject, ...]
+) -> None:
+    assert task.named_objects(HAND_SCENE, question) == expected
+
+
+def _pixels_per_patch(obj_map: np.ndarray, wanted: set[int]) -> np.ndarray:
+    """Object pixels of ``wanted`` under each patch, counted patch by patch."""
+    out = np.zeros(task.NUM_PATCHES, dtype=np.int64)
+    for r in range(task.GRID):
+        for c in range(task.GRID):
+            block = obj_map[
+                r * task.PATCH_SIZE : (r + 1) * task.PATCH_SIZE,
+                c * task.PATCH_SIZE : (c + 1) * task.PATCH_SIZE,
+            ]
+            out[r * task.GRID + c] = sum(int((block == i).sum()) for i in wanted)
+    return out
+
+
+@pytest.mark.parametrize(("question", "expected"), NAMED, ids=lambda v: getattr(v, "text", ""))
+def test_relevant_patches_count_the_named_objects_pixels(
+    question: task.Question, expected: tuple[task.SceneObject, ...]
+) -> None:
+    _, obj_map = task.render(HAND_SCENE)
+    wanted = {HAND_SCENE.objects.index(o) for o in expected}
+    rel = task.relevant_patches(HAND_SCENE, question, obj_map)
+    assert rel.shape == (task.NUM_PATCHES,)
+    assert rel.dtype == np.int64
+    np.testing.assert_array_equal(rel, _pixels_per_patch(obj_map, wanted))
+    assert int(rel.sum()) == int(np.isin(obj_map, list(wanted)).sum())
+    assert (rel.sum() > 0) == bool(expected)
+
+
+def test_relevant_patches_of_a_square_count_64_inside_and_the_overlap_at_its_edges() -> None:
+    # round(0.85 * 14) = 12: the square spans pixels 4..28 (x) and 68..92 (y), inclusive
+    scene = task.Scene((BIG_SQUARE,), 3)
+    _, obj_map = task.render(scene)
+    question = task.Question("describe", task.DESCRIBE_QUESTION, "green square")
+    rel = task.relevant_patches(scene, question, obj_map).reshape(task.GRID, task.GRID)
+    expected = np.zeros((task.GRID, task.GRID), dtype=np.int64)
+    expected[8:12, 0:4] = np.outer([4, 8, 8, 5], [4, 8, 8, 5])
+    np.testing.assert_array_equal(rel, expected)
+    assert rel[9, 1] == rel[10, 2] == task.PATCH_SIZE**2  # patches wholly inside the square
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        task.Question("attribute", "What colour is the dog?", "red"),
+        task.Question("counting", "Is there a red star?", "yes"),  # another family's template
+        task.Question("existence", "Is there a red star", "yes"),  # no question mark
+        task.Question("shade", task.DESCRIBE_QUESTION, "red star"),  # unknown family
+    ],
+)
+def test_malformed_questions_raise(question: task.Question) -> None:
+    with pytest.raises(ValueError, match="is not a"):
+        task.named_objects(HAND_SCENE, question)
+    with pytest.raises(ValueError, match="is not a"):
+        task.relevant_patches(HAND_SCENE, question, task.render(HAND_SCENE)[1])
+
+
+@pytest.mark.parametrize(
+    ("family", "good", "bad"),
+    [
+        ("attribute", ["Red.", "the purple"], ["yes", "red star", "pink"]),
+        ("existence", ["Yes.", "no", "true"], ["two", "red", "maybe"]),
+        ("counting", ["2", "zero", "Three!"], ["four", "5", "yes"]),
+        ("spatial", ["no", "YES"], ["left", "red"]),
+        ("describe", ["the blue star", "Red ring."], ["blue", "blue dog", "yes"]),
+    ],
+)
+def test_is_well_formed_per_family(family: str, good: list[str], bad: list[str]) -> None:
+    assert all(task.is_well_formed(p, family) for p in good)
+    assert not any(task.is_well_formed(p, family) for p in bad)
+    assert task.ANSWER_VOCABULARY[family] == set(
+        map(task.normalize_answer, task.ANSWER_VOCABULARY[family])
+    )
+
+
+def test_every_generated_answer_is_well_formed(validation: list[task.Example]) -> None:
+    for ex in validation:
+        assert task.is_well_formed(ex.question.answer, ex.question.family), ex.question

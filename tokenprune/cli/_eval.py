@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="pipeline config (YAML/TOML/JSON), named after the file stem; repeatable. The "
+        help="pipeline config (YAML/TOML/JSON), named after the file stem, or 'oracle' (the "
+        "relevant tokens first, for tasks that know where the answer is); repeatable. The "
         "unpruned baseline is always included",
     )
     parser.add_argument(

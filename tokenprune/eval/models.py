@@ -201,8 +201,15 @@ def _to_device(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module.to(device).eval()
 
 
-def toy_eval_model(device: torch.device | str = "cpu") -> ProcessorEvalModel:
+def toy_eval_model(
+    device: torch.device | str = "cpu", assets: str | Path | None = None
+) -> ProcessorEvalModel:
     """The shipped toy LLaVA with its processor (``--model default``).
+
+    Args:
+        device: Model device.
+        assets: Assets directory of another checkpoint of the toy model (a training run's
+            ``--assets``); the shipped one when ``None``.
 
     Raises:
         ModelAssetsMissingError: If the trained assets or the language-model file are missing;
@@ -210,12 +217,13 @@ def toy_eval_model(device: torch.device | str = "cpu") -> ProcessorEvalModel:
     """
     from tokenprune.toy.model import ASSETS, load_default_model
 
+    assets = Path(assets) if assets is not None else ASSETS
     try:
-        model, processor = load_default_model()
+        model, processor = load_default_model(assets)
     except FileNotFoundError as exc:
         raise ModelAssetsMissingError(
             f"the shipped toy model cannot be loaded: {exc}\n(the model is assembled from "
-            f"{ASSETS} and the SmolLM2 language-model file; both must be present)"
+            f"{assets} and the SmolLM2 language-model file; both must be present)"
         ) from exc
     module = _to_device(model, device)
     return ProcessorEvalModel(

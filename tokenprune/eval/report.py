@@ -1,7 +1,15 @@
 """Summaries of evaluation results: accuracy per family, retention vs unpruned, table and plot.
 
 Retention is the accuracy of a (pipeline, budget) divided by the unpruned model's accuracy on
-the *same samples*, in percent: 100% means pruning lost nothing.
+the *same samples*, in percent: 100% means pruning lost nothing. Overall accuracy comes with its
+95% Wilson score interval.
+
+Selection metrics, for tasks whose samples know where the answer is
+(:attr:`tokenprune.eval.tasks.Sample.relevance`): **recall** is the mean, over samples with at
+least one relevant token, of the share of relevant tokens the pipeline kept; **hit rate** is the
+share of those samples that kept at least one. What "kept" means for merging methods is defined
+in :meth:`tokenprune.eval.runner.PruneRecorder.kept_per_sample`. **Well-formed** is the share of
+answers that are an answer the family can have, right or wrong (tasks with a closed answer set).
 
 Examples:
     >>> recs = [
@@ -17,12 +25,15 @@ Examples:
     >>> s = summarize(recs, [("unpruned", "full"), ("random", "0.5")], families=["x"])
     >>> [(r.pipeline, r.accuracy, r.retention, r.kept_tokens) for r in s.rows]
     [('unpruned', 1.0, 1.0, 16.0), ('random', 0.5, 0.5, 8.0)]
+    >>> [round(x, 3) for x in s.rows[1].accuracy_ci]
+    [0.095, 0.905]
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +41,7 @@ from typing import Any
 
 __all__ = [
     "BASELINE",
+    "wilson_interval",
     "FULL_BUDGET",
     "Summary",
     "SummaryRow",
@@ -58,6 +70,12 @@ class SummaryRow:
         accuracy: Overall accuracy in ``[0, 1]``.
         retention: ``accuracy / unpruned accuracy`` on the same samples; ``None`` without a
             baseline or when the baseline scores zero.
+        accuracy_ci: 95% Wilson score interval of ``accuracy``.
+        recall: Mean share of relevant tokens kept (samples with relevant tokens); ``None``
+            when unknown (the baseline, tasks without relevance).
+        hit_rate: Share of samples with relevant tokens that kept at least one; ``None`` when
+            unknown.
+        well_formed: Share of answers the family can have; ``None`` when the task cannot tell.
     """
 
     pipeline: str
@@ -67,6 +85,10 @@ class SummaryRow:
     family_accuracy: Mapping[str, float | None]
     accuracy: float
     retention: float | None
+    accuracy_ci: tuple[float, float] = (0.0, 1.0)
+    recall: float | None = None
+    hit_rate: float | None = None
+    well_formed: float | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,11 @@ class Summary:
             "visual tokens",
             *self.families,
             "overall",
+            "95% CI",
             "retention",
+            "recall",
+            "hit rate",
+            "well-formed",
             "samples",
         ]
 
@@ -99,7 +125,11 @@ class Summary:
                     _fmt_tokens(r.kept_tokens),
                     *(_pct(r.family_accuracy.get(f)) for f in self.families),
                     _pct(r.accuracy),
+                    f"{_pct(r.accuracy_ci[0])}-{_pct(r.accuracy_ci[1])}",
                     _pct(r.retention),
+                    _pct(r.recall),
+                    _pct(r.hit_rate),
+                    _pct(r.well_formed),
                     str(r.samples),
                 ]
             )
@@ -110,10 +140,15 @@ class Summary:
         return _markdown(self.headers(), self.table())
 
     def to_csv(self) -> str:
-        """The table as CSV (fractions, not percentages; empty cells for unknown values)."""
+        """The table as CSV (fractions, not percentages; empty cells for unknown values).
+
+        The interval is two columns, ``ci_low`` and ``ci_high``.
+        """
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self.headers())
+        headers = self.headers()
+        at = headers.index("95% CI")
+        writer.writerow([*headers[:at], "ci_low", "ci_high", *headers[at + 1 :]])
         for r in self.rows:
             writer.writerow(
                 [
@@ -122,7 +157,12 @@ class Summary:
                     _num(r.kept_tokens),
                     *(_num(r.family_accuracy.get(f)) for f in self.families),
                     _num(r.accuracy),
+                    _num(r.accuracy_ci[0]),
+                    _num(r.accuracy_ci[1]),
                     _num(r.retention),
+                    _num(r.recall),
+                    _num(r.hit_rate),
+                    _num(r.well_formed),
                     r.samples,
                 ]
             )
@@ -157,6 +197,35 @@ def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _mean(values: Iterable[float]) -> float | None:
     items = list(values)
     return sum(items) / len(items) if items else None
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Return the Wilson score interval of a proportion (95% for the default ``z``).
+
+    Args:
+        successes: Number of successes.
+        n: Number of trials (``(0, 1)`` when zero).
+        z: Standard-normal quantile of the interval.
+
+    Examples:
+        >>> [round(x, 4) for x in wilson_interval(8, 10)]
+        [0.4902, 0.9433]
+    """
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _selection(recs: Sequence[Mapping[str, Any]]) -> tuple[float | None, float | None]:
+    """``(recall, hit rate)`` over the records with at least one relevant token."""
+    known = [r for r in recs if r.get("relevant_total") and r.get("relevant_kept") is not None]
+    recall = _mean(r["relevant_kept"] / r["relevant_total"] for r in known)
+    hit = _mean(float(r["relevant_kept"] > 0) for r in known)
+    return recall, hit
 
 
 def summarize(
@@ -212,7 +281,25 @@ def summarize(
             kept = full_tokens
         else:
             kept = _mean(float(sum(r["kept_tokens"])) for r in recs if r.get("kept_tokens"))
-        rows.append(SummaryRow(pipeline, budget, len(recs), kept, fam_acc, accuracy, retention))
+        correct = sum(bool(r["correct"]) for r in recs)
+        recall, hit = _selection(recs)
+        rows.append(
+            SummaryRow(
+                pipeline,
+                budget,
+                len(recs),
+                kept,
+                fam_acc,
+                accuracy,
+                retention,
+                accuracy_ci=wilson_interval(correct, len(recs)),
+                recall=recall,
+                hit_rate=hit,
+                well_formed=_mean(
+                    float(r["well_formed"]) for r in recs if r.get("well_formed") is not None
+                ),
+            )
+        )
     return Summary(tuple(fams), rows)
 
 
@@ -233,7 +320,8 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     """Plot accuracy vs visual tokens kept, one line per pipeline, to a PNG.
 
     The first panel is overall accuracy; one small panel per task family follows (when the
-    summary has more than one family), all on the same axes. The unpruned model is a dashed
+    summary has more than one family), and a last panel of relevant-token recall when the rows
+    have it, all on the same axes (percent). The unpruned model is a dashed
     black line with a star at its token count. Pipelines differ in colour, marker and, past ten,
     line style, and share one legend. Uses matplotlib's Agg canvas directly (no display, no
     global backend change).
@@ -252,6 +340,8 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     panels: list[str | None] = [None]
     if len(summary.families) > 1:
         panels.extend(summary.families)
+    if any(r.recall is not None for r in summary.rows):
+        panels.append(_RECALL_PANEL)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(3.6 * cols + 2.4, 3.0 * rows + 0.6), dpi=100)
@@ -278,7 +368,7 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
             ax.axhline(base, color="black", linestyle="--", linewidth=1, label="unpruned")
             if baseline.kept_tokens is not None:
                 ax.plot([baseline.kept_tokens], [base], "k*", markersize=8)
-        ax.set_title("overall" if family is None else family, fontsize="medium")
+        ax.set_title(_TITLES.get(family) or str(family), fontsize="medium")
         ax.set_ylim(-3, 103)
         ax.grid(True, alpha=0.3)
     for ax in axes[len(panels) :]:
@@ -293,7 +383,7 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
             ax.set_xlabel("visual tokens kept per sample")
             ax.tick_params(labelbottom=True)
         if ax.get_subplotspec().is_first_col():
-            ax.set_ylabel("accuracy (%)")
+            ax.set_ylabel("accuracy / recall (%)" if _RECALL_PANEL in panels else "accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     if baseline is not None:
         overall = f"unpruned ({100 * baseline.accuracy:.1f}% overall)"
@@ -307,9 +397,17 @@ def plot_accuracy(summary: Summary, path: Path, *, title: str | None = None) -> 
     return path
 
 
+_RECALL_PANEL = "\0recall"
+"""Panel key of the relevant-token recall (no family can have this name)."""
+_TITLES: dict[str | None, str] = {None: "overall", _RECALL_PANEL: "relevant-token recall"}
+
+
 def _value(row: SummaryRow, family: str | None) -> float | None:
-    """Accuracy of ``row`` in percent: overall (``family=None``) or of one family."""
-    value = row.accuracy if family is None else row.family_accuracy.get(family)
+    """Percent of ``row``: overall accuracy (``None``), one family's, or the recall panel's."""
+    if family == _RECALL_PANEL:
+        value = row.recall
+    else:
+        value = row.accuracy if family is None else row.family_accuracy.get(family)
     return None if value is None else 100 * value
 
 
@@ -323,8 +421,12 @@ def write_report(summary: Summary, out_dir: Path, *, title: str | None = None) -
     md = out_dir / "summary.md"
     header = f"# {title}\n\n" if title else ""
     note = (
-        "\nAccuracy per family and overall in %; retention = accuracy / unpruned accuracy on the "
-        "same samples; visual tokens = mean tokens per sample that reached the language model.\n"
+        "\nAccuracy per family and overall in %, with the 95% Wilson interval of overall; "
+        "retention = accuracy / unpruned accuracy on the same samples; visual tokens = mean "
+        "tokens per sample that reached the language model; recall = mean share of the "
+        "question-relevant tokens kept, hit rate = share of samples keeping at least one "
+        "(tasks that know where the answer is); well-formed = share of answers the family can "
+        "have, right or wrong.\n"
     )
     md.write_text(header + summary.to_markdown() + note, encoding="utf-8")
     csv_path = out_dir / "summary.csv"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -147,6 +147,20 @@ def parse_budgets(text: str | Iterable[str]) -> list[Budget]:
     return budgets
 
 
+class PipelineFactory(Protocol):
+    """Builds the pipeline of one batch, for pipelines that depend on the samples.
+
+    The ``oracle`` reads each sample's :attr:`~tokenprune.eval.tasks.Sample.relevance`; the
+    length control wraps a configured pipeline (:mod:`tokenprune.eval.fidelity`).
+    """
+
+    def __call__(
+        self, config: Mapping[str, Any], samples: Sequence[Sample], runtime: Runtime
+    ) -> Pipeline:
+        """Return the pipeline for ``samples`` (``config`` already carries the grid budget)."""
+        ...
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """A named pipeline of the grid.
@@ -155,10 +169,13 @@ class PipelineSpec:
         name: Name in the results and the table (a config file's stem).
         config: The pipeline config as a mapping; its budget is replaced by each budget of the
             grid. ``None`` is the unpruned baseline.
+        factory: Builds the pipeline per batch from the re-budgeted config and the batch's
+            samples; ``None``: built once per budget from the config.
     """
 
     name: str
     config: Mapping[str, Any] | None = None
+    factory: PipelineFactory | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -169,16 +186,21 @@ class PipelineSpec:
 def load_pipeline_spec(path: str | Path, runtime: Runtime) -> PipelineSpec:
     """Read and validate a config file; the pipeline is named after the file stem.
 
-    ``unpruned`` names the baseline (no file needed).
+    ``unpruned`` names the baseline and ``oracle`` the oracle of tasks that know where the answer
+    is (:func:`tokenprune.eval.fidelity.oracle_spec`); neither needs a file.
 
     Raises:
-        ConfigError: If the file is invalid, or its stem is ``unpruned``.
+        ConfigError: If the file is invalid, or its stem is ``unpruned`` or ``oracle``.
     """
+    from tokenprune.eval.fidelity import ORACLE, oracle_spec
+
     if str(path) == BASELINE:
         return PipelineSpec(BASELINE)
+    if str(path) == ORACLE:
+        return oracle_spec()
     p = Path(path)
-    if p.stem == BASELINE:
-        raise ConfigError(f"{p}: the name {BASELINE!r} is reserved for the baseline; rename it")
+    if p.stem in (BASELINE, ORACLE):
+        raise ConfigError(f"{p}: the name {p.stem!r} is reserved; rename the file")
     return PipelineSpec(p.stem, runtime.load_config(p).to_dict())
 
 
@@ -236,6 +258,7 @@ class Job:
     pipeline: str
     budget: str
     config: Mapping[str, Any] | None
+    factory: PipelineFactory | None = None
 
 
 @dataclass(frozen=True)
@@ -283,7 +306,7 @@ def plan_jobs(spec: EvalSpec, runtime: Runtime) -> list[Job]:
             jobs.append(Job(BASELINE, FULL_BUDGET, None))
             continue
         for b in spec.budgets:
-            jobs.append(Job(p.name, b.label, rebudget(p.config, b, runtime)))
+            jobs.append(Job(p.name, b.label, rebudget(p.config, b, runtime), p.factory))
     return jobs
 
 
@@ -362,6 +385,35 @@ class PruneRecorder:
         """``(kept, total)`` per image, over all recorded calls in call order."""
         return [(int(r.keep_idx.shape[1]), r.num_tokens) for r in self.records for _ in r.keep_idx]
 
+    def kept_per_sample(self, batch_size: int) -> list[np.ndarray] | None:
+        """Original indices of the tokens each sample kept, through every pruning position.
+
+        Assumes one image per sample: the recorded rows are the batch's samples, position after
+        position. An LLM position's indices refer to the tokens arriving there, so they are
+        composed with the positions before it. For a merging method the kept indices are the
+        tokens its outputs are anchored at (:attr:`PrunedTokens.keep_idx`); tokens merged into
+        an output are not counted as kept.
+
+        Args:
+            batch_size: Samples in the batch.
+
+        Returns:
+            One sorted index array per sample, or ``None`` when the calls do not form whole
+            positions of the batch (several images per sample, say).
+        """
+        rows = [(row, r.num_tokens) for r in self.records for row in r.keep_idx]
+        if not rows or len(rows) % batch_size:
+            return None
+        out = []
+        for i in range(batch_size):
+            current = np.arange(rows[i][1])
+            for row, total in rows[i::batch_size]:
+                if total != len(current):
+                    return None
+                current = current[row]
+            out.append(np.sort(current))
+        return out
+
 
 # -- running ------------------------------------------------------------------------------------
 
@@ -386,6 +438,7 @@ def _records_for_batch(
     answers: Sequence[str],
     counts: list[tuple[int, int]],
     task: Task,
+    kept: Sequence[np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     if len(answers) != len(batch):
         raise RuntimeError(f"the model returned {len(answers)} answers for {len(batch)} questions")
@@ -410,9 +463,57 @@ def _records_for_batch(
                 "correct": bool(task.score(answer, sample.answer)),
                 "kept_tokens": [per_sample[i][0]] if per_sample else None,
                 "total_tokens": [per_sample[i][1]] if per_sample else None,
+                "well_formed": task.well_formed(answer, sample),
+                **_selection_fields(
+                    sample,
+                    kept[i] if kept is not None else None,
+                    per_sample[i][1] if per_sample else None,
+                ),
             }
         )
     return out
+
+
+def _selection_fields(
+    sample: Sample, kept: np.ndarray | None, num_tokens: int | None
+) -> dict[str, Any]:
+    """``kept_idx``, ``relevant_total`` and ``relevant_kept`` of one sample's record.
+
+    The relevant counts are ``None`` unless the task gives the sample a relevance map with one
+    entry per visual token of the image (``num_tokens``) and the kept indices are known.
+    """
+    fields: dict[str, Any] = {
+        "kept_idx": kept.tolist() if kept is not None else None,
+        "relevant_total": None,
+        "relevant_kept": None,
+    }
+    rel = sample.relevance
+    if rel is not None and kept is not None and num_tokens == len(rel):
+        relevant = np.asarray(rel) > 0
+        fields["relevant_total"] = int(relevant.sum())
+        fields["relevant_kept"] = int(relevant[kept].sum())
+    return fields
+
+
+def _answer(
+    model: EvalModel, job: Job, batch: Sequence[Sample], runtime: Runtime, max_new_tokens: int
+) -> list[str]:
+    """Answer one batch; a job with a factory installs its per-batch pipeline around it."""
+    questions = [s.question for s in batch]
+    handle = None
+    if job.factory is not None and job.config is not None:
+        pipeline = job.factory(job.config, batch, runtime)
+        handle = apply(model.module, pipeline, runtime=runtime)
+    try:
+        return model.generate(
+            [s.image for s in batch],
+            questions,
+            max_new_tokens=max_new_tokens,
+            **_generate_kwargs(job, questions),
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _runtime(plugins: Iterable[str | object], recorder: PruneRecorder) -> Runtime:
@@ -476,21 +577,16 @@ def run_shard(
                 bar.set_description(f"{job.pipeline} @ {job.budget}")
                 handle = (
                     None
-                    if job.config is None
+                    if job.config is None or job.factory is not None
                     else apply(model.module, runtime.build_pipeline(job.config), runtime=runtime)
                 )
                 try:
                     for batch in batches:
                         recorder.clear()
-                        questions = [s.question for s in batch]
-                        answers = model.generate(
-                            [s.image for s in batch],
-                            questions,
-                            max_new_tokens=spec.max_new_tokens,
-                            **_generate_kwargs(job, questions),
-                        )
+                        answers = _answer(model, job, batch, runtime, spec.max_new_tokens)
                         counts = recorder.counts_per_image() if job.config is not None else []
-                        for rec in _records_for_batch(job, batch, answers, counts, spec.task):
+                        kept = recorder.kept_per_sample(len(batch)) if counts else None
+                        for rec in _records_for_batch(job, batch, answers, counts, spec.task, kept):
                             shard.write(dump_record(rec) + "\n")
                             written += 1
                         shard.flush()
@@ -726,7 +822,12 @@ def capture_pruning(
             continue
         config = rebudget(spec.config, budget, runtime) if budget else dict(spec.config)
         recorder.clear()
-        with apply(model.module, runtime.build_pipeline(config), runtime=runtime):
+        pipeline = (
+            spec.factory(config, [sample], runtime)
+            if spec.factory is not None
+            else runtime.build_pipeline(config)
+        )
+        with apply(model.module, pipeline, runtime=runtime):
             model.generate(
                 [sample.image],
                 [sample.question],

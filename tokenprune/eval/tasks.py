@@ -58,9 +58,15 @@ class Sample:
         image: RGB image, ``uint8``.
         question: The question text given to the model.
         answer: The reference answer.
+        relevance: Where the answer is, for tasks that know it: one non-negative weight per
+            visual token of the image in the model's raster order (``> 0``: the token is
+            *relevant*, it overlaps what the question is about; larger: more of it). ``None``
+            when the task does not know. This is the one path by which ground truth reaches the
+            selection metrics and the ``oracle`` pipeline (:mod:`tokenprune.eval.fidelity`).
 
     Shape:
         - image: :math:`(H, W, 3)`
+        - relevance: :math:`(N,)`
     """
 
     id: str
@@ -69,6 +75,7 @@ class Sample:
     image: np.ndarray
     question: str
     answer: str
+    relevance: np.ndarray | None = None
 
 
 class Task(ABC):
@@ -104,6 +111,14 @@ class Task(ABC):
     def score(self, prediction: str, answer: str) -> bool:
         """Whether ``prediction`` answers correctly (default: case- and space-insensitive match)."""
         return " ".join(prediction.lower().split()) == " ".join(answer.lower().split())
+
+    def well_formed(self, prediction: str, sample: Sample) -> bool | None:
+        """Whether ``prediction`` is an answer the sample's family can have, right or wrong.
+
+        ``None`` (the default) when the task has no closed answer set.
+        """
+        del prediction, sample
+        return None
 
 
 TaskFactory = Callable[[], Task]
@@ -206,6 +221,8 @@ class ShapesTask(Task):
     Five families (attribute, existence, counting, spatial, describe) with balanced answers,
     96x96 scenes, exact match after the task's own normalisation. Sample ids are
     ``<split>-s<seed>-<family>-<index>``; the default limit is 40 per family (200 questions).
+    Every sample carries its :attr:`Sample.relevance`: the pixels of the objects the question
+    is about (:func:`tokenprune.toy.task.named_objects`) under each of the 144 patches.
     """
 
     name = "shapes"
@@ -230,7 +247,7 @@ class ShapesTask(Task):
         out = []
         for index, example in enumerate(self._toy.make_split(split, seed, per_family)):
             family = example.question.family
-            image, _ = self._toy.render(example.scene)
+            image, obj_map = self._toy.render(example.scene)
             out.append(
                 Sample(
                     id=f"{split}-s{seed}-{family}-{example.seed_key[2]:04d}",
@@ -239,12 +256,16 @@ class ShapesTask(Task):
                     image=image,
                     question=example.question.text,
                     answer=example.question.answer,
+                    relevance=self._toy.relevant_patches(example.scene, example.question, obj_map),
                 )
             )
         return out
 
     def score(self, prediction: str, answer: str) -> bool:
         return bool(self._toy.is_correct(prediction, answer))
+
+    def well_formed(self, prediction: str, sample: Sample) -> bool | None:
+        return bool(self._toy.is_well_formed(prediction, sample.family))
 
 
 TASKS = TaskRegistry()
