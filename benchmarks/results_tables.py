@@ -7,10 +7,13 @@ Usage::
 
 Prints, in Markdown:
 
-- overall accuracy (%) per pipeline and budget, the unpruned model in the heading;
+- overall accuracy (%) per pipeline and budget with its 95 % Wilson interval, the unpruned model
+  in the heading;
 - the share (%) of well-formed answers per pipeline and budget: an answer is well-formed when,
   after normalisation, it is one of the answers its family can have (a colour, ``yes`` / ``no``,
   a number word, or "<colour> <shape>"), whether right or wrong;
+- the relevant-token recall (%) per pipeline and budget: the mean share of the patches of the
+  objects a question is about that the pipeline kept (records with ``relevant_total`` > 0);
 - with ``--pair A B``, a paired comparison of two pipelines on the same questions, per budget and
   family: accuracies, difference, the questions that only one of them answers correctly, and the
   two-sided exact sign test on those.
@@ -25,18 +28,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tokenprune.toy.task import COLOUR_NAMES, FAMILIES, NUMBER_WORDS, SHAPES, normalize_answer
+from tokenprune.eval.report import wilson_interval
+from tokenprune.toy.task import FAMILIES, is_well_formed
 
 Runs = dict[tuple[str, str], dict[str, dict[str, Any]]]
 """``{(pipeline, budget): {sample_id: record}}``."""
-
-VALID = {
-    "attribute": set(COLOUR_NAMES),
-    "existence": {"yes", "no"},
-    "spatial": {"yes", "no"},
-    "counting": set(NUMBER_WORDS),
-    "describe": {f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES},
-}
 
 
 def sign_test(a: int, b: int) -> float:
@@ -59,17 +55,23 @@ def load(path: Path) -> Runs:
 
 
 def grid(runs: Runs, value: str) -> str:
-    """Markdown table of ``value`` (``accuracy`` or ``well-formed``) per pipeline and budget."""
+    """Markdown table of ``value`` (``accuracy``, ``well-formed`` or ``recall``) per pipeline
+    and budget."""
     budgets = sorted({b for _, b in runs if b != "full"}, key=float, reverse=True)
     pipelines = sorted({p for p, b in runs if b != "full"})
 
     def cell(records: dict[str, dict[str, Any]]) -> str:
+        if value == "recall":
+            known = [r for r in records.values() if r.get("relevant_total")]
+            if not known or any(r.get("relevant_kept") is None for r in known):
+                return "-"
+            shares = [r["relevant_kept"] / r["relevant_total"] for r in known]
+            return f"{100 * sum(shares) / len(shares):.1f}"
         if value == "accuracy":
             hits = sum(r["correct"] for r in records.values())
-        else:
-            hits = sum(
-                normalize_answer(r["prediction"]) in VALID[r["family"]] for r in records.values()
-            )
+            low, high = wilson_interval(hits, len(records))
+            return f"{100 * hits / len(records):.1f} ({100 * low:.1f}-{100 * high:.1f})"
+        hits = sum(is_well_formed(r["prediction"], r["family"]) for r in records.values())
         return f"{100 * hits / len(records):.1f}"
 
     full = runs.get(("unpruned", "full"))
@@ -117,6 +119,7 @@ def main() -> None:
     runs = load(args.results)
     print(grid(runs, "accuracy"), end="\n\n")
     print(grid(runs, "well-formed"), end="\n\n")
+    print(grid(runs, "recall"), end="\n\n")
     if args.pair:
         a, b = args.pair
         print(paired(runs, a, b, args.budgets.split(",")))
