@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -44,23 +42,10 @@ from tokenprune.stages.selectors.topk import TopKSelector
 from tokenprune.toy import task as toy
 from tokenprune.types import VisualTokens
 
-HERE = Path(__file__).parent
 N = 16  # visual tokens per image of the tiny model (32 px, 8 px patches)
 D = 64  # its vision width
 RANDOM = {"scorer": {"name": "random", "seed": 3}, "selector": {"name": "topk"}, "keep": 4}
 FAMILIES = toy.FAMILIES
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModuleType:
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("_tiny")
-
-
-@pytest.fixture(scope="module")
-def model(tiny: ModuleType) -> Any:
-    return tiny.tiny_model()
 
 
 # -- the oracle -----------------------------------------------------------------------------------

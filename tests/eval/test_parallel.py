@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -82,13 +81,6 @@ def test_merge_keeps_first_record_per_key(tmp_path: Path) -> None:
     assert len(read_records(tmp_path)) == 2
     merged = merge_results(tmp_path)
     assert [r["v"] for r in merged] == ["old", "b"]
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Any:
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("_tiny")
 
 
 def _spec(tiny: Any) -> EvalSpec:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,21 +36,8 @@ from tokenprune.eval.runner import (
 from tokenprune.eval.tasks import Sample
 from tokenprune.plugin import Runtime
 
-HERE = Path(__file__).parent
 RANDOM = {"scorer": {"name": "random"}, "selector": {"name": "topk"}, "keep": 4}
 CLS = {"scorer": {"name": "cls_attention"}, "selector": {"name": "topk"}, "keep": 4}
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModuleType:
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module("_tiny")
-
-
-@pytest.fixture(scope="module")
-def model(tiny: ModuleType) -> Any:
-    return tiny.tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -635,15 +635,7 @@ def run_fidelity(
     assert summary is not None
     heldout = None
     if heldout_seed is not None:
-        base = EvalSpec(
-            task=task,
-            pipelines=[],
-            budgets=grid,
-            split=split,
-            seed=heldout_seed,
-            limit=limit,
-            batch_size=batch_size,
-        )
+        base = dataclasses.replace(spec, pipelines=[], seed=heldout_seed)
         held = run_eval(model, base, out / "heldout", plugins=plugins, progress=progress)
         assert held is not None
         heldout = next(r for r in held.rows if r.pipeline == BASELINE)
