@@ -113,7 +113,7 @@ class Recipe:
     a_lr: float = 2e-3
     a_target: float = 0.94
     lm_layers: int = 8
-    b_steps: int = 30
+    b_steps: int = 300
     b_lr: float = 2e-3
     c_steps: int = 1000
     c_lr: float = 1e-3
