@@ -15,6 +15,7 @@ import torch
 
 from tokenprune.context import PruneContext
 from tokenprune.errors import ConfigError, ShapeError
+from tokenprune.eval import fidelity
 from tokenprune.eval.fidelity import (
     FASTV,
     GATES,
@@ -565,3 +566,20 @@ def test_background_feature_is_the_mean_of_the_empty_patches(
     expected = states[torch.as_tensor(empty.reshape(-1))].mean(0)
     torch.testing.assert_close(feature, expected)
     assert not torch.allclose(feature, states.mean(0))
+
+
+def test_card_section_is_inserted_before_the_differences_then_replaced(tmp_path: Path) -> None:
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# Card\n\n## Results\nr\n\n## How this toy differs from a real VLM\n- x\n")
+    fidelity.write_card_section(card, fidelity.CARD_HEADING + "\nfirst\n")
+    text = card.read_text()
+    assert text.index("first") < text.index("## How this toy differs")
+    assert text.index("## Results") < text.index(fidelity.CARD_HEADING)
+    fidelity.write_card_section(card, fidelity.CARD_HEADING + "\nsecond\n")
+    text = card.read_text()
+    assert "first" not in text and text.count(fidelity.CARD_HEADING) == 1
+    assert text.endswith("## How this toy differs from a real VLM\n- x\n")
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# Card\n")
+    fidelity.write_card_section(bare, fidelity.CARD_HEADING + "\nthird\n")
+    assert bare.read_text().endswith(fidelity.CARD_HEADING + "\nthird\n\n")

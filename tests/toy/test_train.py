@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from tokenprune.toy.model import (
     PROMPT,
     TowerSize,
     build_clip_config,
+    build_clip_tokenizer,
     build_llava_config,
     pixel_values,
 )
@@ -45,6 +47,7 @@ from tokenprune.toy.train import (
     tower_features,
     window_hidden_states,
     write_model_card,
+    zero_shot_single_objects,
 )
 
 
@@ -391,3 +394,48 @@ def test_model_card_states_the_optional_stage_c_targets_and_the_windows(tmp_path
         assert prompt in card
         assert "Object-attention" not in card
         assert "no loss on the language model's attention" in card
+
+
+def test_zero_shot_counts_every_object_and_scores_a_perfect_classifier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each object is classified once; a CLIP whose image and caption embeddings agree scores 1."""
+    tok = build_clip_tokenizer()
+    clip = CLIPModel(build_clip_config(TINY_TOWER, len(tok))).eval()
+    scenes = [
+        task.sample_scene(task.rng_for(task.SPLITS["test"], 0, "zero-shot", i)) for i in range(3)
+    ]
+    out = zero_shot_single_objects(clip, tok, 0, scenes=3)
+    assert out["objects"] == sum(len(s.objects) for s in scenes)
+    assert all(0.0 <= out[k] <= 1.0 for k in ("joint", "colour", "shape"))
+    assert out["joint"] <= min(out["colour"], out["shape"])
+
+    # An oracle CLIP: the image embedding is the one-hot of the window's object, the caption
+    # embedding the one-hot of the caption's pair, so every object is recognised.
+    pairs = [(c, s) for c in task.COLOUR_NAMES for s in task.SHAPES]
+    shown: list[int] = []
+
+    def fake_render(batch_scenes: list[task.Scene], crops: list[task.Crop]) -> Any:
+        shown.clear()
+        for scene, crop in zip(batch_scenes, crops, strict=True):
+            (obj,) = task.crop_scene(scene, crop).objects
+            shown.append(pairs.index((obj.colour, obj.shape)))
+        return render_batch(batch_scenes, crops)
+
+    class OneHot(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(torch.tensor(shown), len(pairs)).float()
+
+    import tokenprune.toy.train as train_module
+
+    monkeypatch.setattr(train_module, "render_batch", fake_render)
+    monkeypatch.setattr(clip, "visual_projection", OneHot())
+    monkeypatch.setattr(clip, "text_projection", torch.nn.Identity())
+
+    class Captions(torch.nn.Module):
+        def forward(self, **_: Any) -> SimpleNamespace:
+            return SimpleNamespace(pooler_output=torch.eye(len(pairs)))
+
+    monkeypatch.setattr(clip, "text_model", Captions())
+    perfect = zero_shot_single_objects(clip, tok, 0, scenes=3)
+    assert (perfect["joint"], perfect["colour"], perfect["shape"]) == (1.0, 1.0, 1.0)
