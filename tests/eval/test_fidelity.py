@@ -577,7 +577,8 @@ def test_card_section_is_inserted_before_the_differences_then_replaced(tmp_path:
     assert text.index("## Results") < text.index(fidelity.CARD_HEADING)
     fidelity.write_card_section(card, fidelity.CARD_HEADING + "\nsecond\n")
     text = card.read_text()
-    assert "first" not in text and text.count(fidelity.CARD_HEADING) == 1
+    assert "first" not in text
+    assert text.count(fidelity.CARD_HEADING) == 1
     assert text.endswith("## How this toy differs from a real VLM\n- x\n")
     bare = tmp_path / "BARE.md"
     bare.write_text("# Card\n")
