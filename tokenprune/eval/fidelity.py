@@ -688,7 +688,7 @@ def installed_methods(clip_dir: Path, runtime: Runtime) -> list[PipelineSpec]:
         clip_dir: The toy model's paired CLIP directory.
         runtime: Runtime whose presets and stages decide what is installed.
     """
-    from tokenprune.eval.demo import REFERENCE_METHODS
+    from tokenprune.eval.demo import demo_pipelines
 
     own = Path(__file__).resolve().parents[1] / "presets"
     out: dict[str, dict[str, Any]] = {}
@@ -697,14 +697,9 @@ def installed_methods(clip_dir: Path, runtime: Runtime) -> list[PipelineSpec]:
         if isinstance(value, Path) and value.resolve().parent == own:
             out.setdefault(preset.rsplit("-", 1)[0], runtime.load_config(value).to_dict())
     out["fastv"] = FASTV
-    for name, build in REFERENCE_METHODS.items():
-        config = build(clip_dir)
-        if all(
-            config[role]["name"] in runtime.stages.names(role)
-            for role in ("scorer", "selector", "merger")
-            if role in config
-        ):
-            out[name] = {**config, "keep_ratio": 0.111}
+    for spec in demo_pipelines(clip_dir, runtime):  # the installed reference methods
+        if spec.name != ORACLE and spec.name not in out and spec.config is not None:
+            out[spec.name] = dict(spec.config)
     return [PipelineSpec(name, config) for name, config in out.items()]
 
 
