@@ -256,14 +256,16 @@ def length_control_spec(spec: PipelineSpec, filler: torch.Tensor) -> PipelineSpe
     if spec.config is None:
         raise ConfigError("the unpruned baseline has no length control")
     inner_factory = spec.factory
+    built: dict[str, tuple[Runtime, LengthControl]] = {}  # per budget (config): built once
 
     def build(config: Mapping[str, Any], samples: Sequence[Sample], runtime: Runtime) -> Pipeline:
-        inner = (
-            inner_factory(config, samples, runtime)
-            if inner_factory is not None
-            else runtime.build_pipeline(config)
-        )
-        return LengthControl(inner, filler)
+        if inner_factory is not None:  # depends on the batch (the oracle)
+            return LengthControl(inner_factory(config, samples, runtime), filler)
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in built or built[key][0] is not runtime:
+            # stages may load weights (DeSAP's text encoder): build once, not per batch
+            built[key] = (runtime, LengthControl(runtime.build_pipeline(config), filler))
+        return built[key][1]
 
     return PipelineSpec(spec.name + LENGTH_SUFFIX, spec.config, factory=build)
 
@@ -728,10 +730,7 @@ def background_feature(module: torch.nn.Module, *, scenes: int = 64, seed: int =
         )
         image, obj_map = toy_task.render(scene)
         images.append(image)
-        blocks = obj_map.reshape(
-            toy_task.GRID, toy_task.PATCH_SIZE, toy_task.GRID, toy_task.PATCH_SIZE
-        )
-        empty.append((blocks < 0).all(axis=(1, 3)).reshape(-1))
+        empty.append(toy_task.patch_pixel_counts(obj_map >= 0) == 0)
     inner: Any = getattr(module, "model", module)
     layer = int(getattr(module, "config").vision_feature_layer)  # noqa: B009
     tower = inner.vision_tower

@@ -695,7 +695,26 @@ def relevant_patches(scene: Scene, question: Question, obj_map: np.ndarray) -> n
     """
     index = {id(o): i for i, o in enumerate(scene.objects)}
     wanted = [index[id(o)] for o in named_objects(scene, question)]
-    mask = np.isin(obj_map, wanted)
+    return patch_pixel_counts(np.isin(obj_map, wanted))
+
+
+def patch_pixel_counts(mask: np.ndarray) -> np.ndarray:
+    """Return how many pixels of a boolean pixel mask fall in each patch.
+
+    Args:
+        mask: Per-pixel mask of a full scene.
+
+    Returns:
+        Counts in raster order (``int64``, 0 to 64).
+
+    Shape:
+        ``(96, 96)`` -> ``(144,)``.
+
+    Examples:
+        >>> m = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool); m[:8, :12] = True
+        >>> patch_pixel_counts(m)[:3].tolist()
+        [64, 32, 0]
+    """
     blocks = mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).sum((1, 3))
     return np.asarray(blocks.reshape(NUM_PATCHES), dtype=np.int64)
 
